@@ -1,0 +1,89 @@
+"""Pure-PyTorch reference of the probe's reductions.
+
+This file is three things at once: the CPU path of the package, the oracle the Triton
+kernels are tested against, and the plain statement of what the kernels compute.
+
+Both ops take per-token rows grouped into samples, either padded ``[B, T, *]`` or packed
+``[N, *]`` with ``cu_seqlens`` (int32 ``[S + 1]`` offsets, FlashAttention's varlen
+convention), and return one energy per sample (segment):
+
+- ``projected_energy(u, v)``: ``e[s] = || u_s^T v_s ||_F^2`` with ``u_s: [T_s, M]``,
+  ``v_s: [T_s, R]``. Projection "A" is ``u = D``, ``v = X A^T``; projection "B" is
+  ``u = X``, ``v = D B`` (shared/design/PAGE.md).
+- ``gradient_energy(d, x)``: ``e[s] = || d_s^T x_s ||_F^2``, the squared norm of the full
+  per-sample weight gradient, for projection "expected". Computed directly
+  (``[M, N]`` per sample) or through the Gram ("ghost norm") identity
+  ``< d d^T, x x^T >`` (``[T, T]`` per sample), whichever costs fewer multiply-adds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _acc_dtype(*ts: torch.Tensor) -> torch.dtype:
+    # float32 accumulation whatever the input dtype; float64 inputs keep float64 so the
+    # oracles in tests can run end to end in double precision.
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _segments(n_rows: int, cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    offs = cu_seqlens.tolist()
+    if offs[0] != 0 or offs[-1] != n_rows or any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at the number of rows "
+            f"({n_rows}); got {offs[:4]}{'...' if len(offs) > 4 else ''} ending at {offs[-1]}"
+        )
+    return list(zip(offs, offs[1:]))
+
+
+def projected_energy_ref(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``e[s] = || u_s^T v_s ||_F^2`` in float32 (float64 for float64 inputs).
+
+    u: ``[B, T, M]`` or packed ``[N, M]``; v: ``[B, T, R]`` or ``[N, R]``.
+    Returns ``[B]`` (or ``[S]`` with ``cu_seqlens``).
+    """
+    acc = _acc_dtype(u, v)
+    if cu_seqlens is None:
+        # one bmm for the whole batch: [B, M, T] @ [B, T, R] -> [B, M, R]; M x R per
+        # sample is small (rank-sized), so materialising it here costs little.
+        g = torch.bmm(u.transpose(1, 2).to(acc), v.to(acc))
+        return g.square().sum(dim=(1, 2))
+    out = torch.zeros(cu_seqlens.numel() - 1, dtype=acc, device=u.device)
+    for i, (a, b) in enumerate(_segments(u.shape[0], cu_seqlens)):
+        if b > a:
+            out[i] = (u[a:b].to(acc).T @ v[a:b].to(acc)).square().sum()
+    return out
+
+
+def _gradient_energy_one(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # d: [T, M], x: [T, N] in the accumulation dtype.
+    t, m = d.shape
+    n = x.shape[1]
+    if t * t * (m + n) < t * m * n:
+        return ((d @ d.T) * (x @ x.T)).sum()  # ghost norm: [T, T] Grams
+    return (d.T @ x).square().sum()  # direct: [M, N]
+
+
+def gradient_energy_ref(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """``e[s] = || d_s^T x_s ||_F^2``: squared Frobenius norm of each sample's weight gradient.
+
+    d: ``[B, T, M]`` or ``[N, M]`` (output gradients); x: ``[B, T, N]`` or ``[N, N_in]``
+    (inputs). Chooses per call between the direct form (``T M N`` multiply-adds) and the
+    Gram form (``T^2 (M + N)``). Returns float32 ``[B]`` (float64 for float64 inputs).
+    """
+    acc = _acc_dtype(d, x)
+    if cu_seqlens is None:
+        b, t, m = d.shape
+        n = x.shape[-1]
+        d, x = d.to(acc), x.to(acc)
+        if t * t * (m + n) < t * m * n:
+            gd = torch.bmm(d, d.transpose(1, 2))  # [B, T, T]
+            gx = torch.bmm(x, x.transpose(1, 2))
+            return (gd * gx).sum(dim=(1, 2))
+        return torch.bmm(d.transpose(1, 2), x).square().sum(dim=(1, 2))
+    out = torch.zeros(cu_seqlens.numel() - 1, dtype=acc, device=d.device)
+    for i, (a, b) in enumerate(_segments(d.shape[0], cu_seqlens)):
+        if b > a:
+            out[i] = _gradient_energy_one(d[a:b].to(acc), x[a:b].to(acc))
+    return out
