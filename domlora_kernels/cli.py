@@ -1,0 +1,127 @@
+"""The ``domlora`` command line.
+
+``domlora probe`` with no arguments probes the embedded default model (SmolLM2-135M-Instruct)
+on the calibration set shipped in the package, prints the ranked modules and the dominant
+one, and writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .probe import ESTIMATORS, PROJECTIONS
+
+DEFAULT_OUT = Path("domlora_out") / "page_scores.json"
+
+
+def _positive(kind):
+    def parse(text: str):
+        val = kind(text)
+        if val < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+        return val
+
+    return parse
+
+
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by every command that runs a probe."""
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=None, help="a .gguf file or a local transformers folder (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--data", default=None, help='jsonl with {"text": ...} or {"messages": [...]} per line (default: the shipped calibration set)')
+    g.add_argument("--tasks", default=None, help="comma-separated subset of the shipped calibration tasks: instruction,math,code,chat")
+    g.add_argument("--num-samples", type=_positive(int), default=None, help="use only the first N samples")
+    g.add_argument("--batch-size", type=_positive(int), default=8)
+    g.add_argument("--max-length", type=_positive(int), default=256, help="tokens per sample (longer ones are cut)")
+    g = p.add_argument_group("probe")
+    g.add_argument("--rank", type=_positive(int), default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--projection", choices=PROJECTIONS, default="A")
+    g.add_argument("--estimator", choices=ESTIMATORS, default="fisher")
+    g.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha/rank as in peft (default: scaling 1)")
+    g.add_argument("--target-modules", default="all-linear", help='"all-linear", a regex, or comma-separated names/suffixes')
+    g.add_argument("--backend", default="auto", help="ops backend (auto, torch, triton)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _target(text: str):
+    if text == "all-linear" or "," not in text and any(c in text for c in "^$*+?[](){}|\\"):
+        return text
+    return [t for t in text.split(",") if t]
+
+
+def run_probe(args: argparse.Namespace):
+    """Load the model and data named by ``args`` and probe; returns ``(scores, model, tokenizer)``."""
+    from .data import load_calibration, make_batches, read_jsonl
+    from .models import DEFAULT_NAME, load_model
+    from .probe import page_scores
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model)
+    t_load = time.perf_counter() - t0
+    if args.data is not None and args.tasks is not None:
+        raise SystemExit("error: --tasks selects from the shipped calibration set; drop it when giving --data")
+    records = read_jsonl(args.data) if args.data else load_calibration(args.tasks.split(",") if args.tasks else None)
+    if args.num_samples is not None:
+        records = records[: args.num_samples]
+    batches = make_batches(records, tok, args.batch_size, args.max_length)
+    scores = page_scores(
+        model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
+        estimator=args.estimator, seed=args.seed, lora_alpha=args.lora_alpha, backend=args.backend,
+        progress=not args.no_progress,
+    )
+    tasks = sorted({r.get("task", "user") for r in records})
+    scores.meta.update({
+        "model": args.model or DEFAULT_NAME,
+        "data": args.data or f"shipped calibration set ({', '.join(tasks)})",
+        "load_seconds": t_load,
+        "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+    })
+    return scores, model, tok
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    scores, _, _ = run_probe(args)
+    m = scores.meta
+    print(f"model: {m['model']}")
+    print(f"data: {m['data']}: {scores.num_samples} samples, {m['tokens']} tokens")
+    c = scores.config
+    print(f"probe: rank {c['rank']}, projection {c['projection']}, estimator {c['estimator']}, seed {c['seeds'][0]}, "
+          f"{len(scores.scores)} modules; load {m['load_seconds']:.1f} s, probe {m['probe_seconds']:.1f} s")
+    print()
+    print(scores.table(args.top))
+    print()
+    dom = scores.dominant_module
+    info = scores.modules[dom]
+    print(f"dominant module: {dom} (layer {info.layer}, {info.type}, share {100 * scores.shares[dom]:.1f}% of "
+          f"{len(scores.scores)} modules)")
+    path = scores.to_json(args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="domlora", description="Find the dominant adaptation module with PAGE and place a LoRA there.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="measure PAGE for every candidate module and report the dominant one")
+    add_probe_args(p)
+    p.add_argument("--top", type=_positive(int), default=15, help="rows of the ranked table")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path (default: {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_probe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
