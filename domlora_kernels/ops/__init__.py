@@ -1,6 +1,24 @@
-"""Low-level ops of the probe. The backend is chosen here and nowhere else."""
+"""Low-level ops of the probe. The backend is chosen here and nowhere else.
+
+Backends:
+- ``"torch"``: the pure-torch reference (``naive.py``); any device, any float dtype.
+- ``"triton"``: the fused kernels (``projected_energy_triton.py``,
+  ``gradient_energy_triton.py``; not ``projected_energy.py``: importing a submodule sets
+  the package attribute of its name, which would replace the public function); CUDA
+  tensors, or CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is in
+  the environment. float32, bfloat16, float16 only.
+- ``"auto"`` (default): Triton for CUDA tensors when triton imports and the launch is big
+  enough to fill the GPU (:func:`_auto_uses_triton`), else torch. Never the interpreter.
+
+Triton is imported on first use only, so ``import domlora_kernels`` stays fast and works
+without it. ``@triton.jit`` reads ``TRITON_INTERPRET`` when the kernel modules are imported,
+i.e. at the first triton-backend call of the process: set it before that call.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -8,7 +26,17 @@ from .naive import gradient_energy_ref, projected_energy_ref
 
 __all__ = ["projected_energy", "gradient_energy", "BACKENDS"]
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# "auto" sends a launch to the torch path when it has fewer programs than this. The kernels
+# cannot split a segment's tokens across programs (the energy is the square of a sum over
+# tokens), so a launch of few programs leaves most SMs idle while each program walks all T
+# tokens; bmm splits the reduction and wins there. 2 x the 132 SMs of an H100/H200 is a
+# first guess, not a measurement: benchmarks/gpu_check.py prints, per size, the programs
+# of the launch and which backend was faster; set this from its output.
+AUTO_MIN_PROGRAMS = 264
 
 
 def _check_rows(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_seqlens) -> None:
@@ -23,12 +51,122 @@ def _check_rows(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_s
         raise ValueError(
             f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must agree on every dim but the last"
         )
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; put both on one device")
 
 
-def _resolve(backend: str) -> str:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_rows: int) -> None:
+    # One host read of S + 1 integers (a sync on CUDA): the kernels index memory with these
+    # offsets, so they are checked before any launch.
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor [S + 1] of segment offsets; got "
+            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}"
+        )
+    offs = cu_seqlens.tolist()
+    if offs[0] != 0 or offs[-1] != n_rows or any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at the number of rows "
+            f"({n_rows}); got {offs[:4]}{'...' if len(offs) > 4 else ''} ending at {offs[-1]}"
+        )
+
+
+def _interpret_requested() -> bool:
+    # Read at call time; the truthy spellings Triton itself accepts for TRITON_INTERPRET.
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels():
+    """The kernel modules, imported on first use (this applies ``@triton.jit``)."""
+    from . import gradient_energy_triton as ge
+    from . import projected_energy_triton as pe
+
+    return pe, ge
+
+
+def _check_triton(a: torch.Tensor, b: torch.Tensor) -> None:
+    if torch.float64 in (a.dtype, b.dtype):
+        raise ValueError(
+            "backend='triton' does not take float64 inputs (the kernels accumulate in float32); "
+            "use backend='torch' for float64"
+        )
+    for t in (a, b):
+        if t.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"backend='triton' takes float32, bfloat16 or float16 inputs; got {t.dtype}")
+    if a.device.type != "cuda" and not _interpret_requested():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors; these are on {a.device}. Set TRITON_INTERPRET=1 "
+            f"in the environment to run the kernels on the CPU through Triton's interpreter (slow, "
+            f"for tests), or use backend='torch'"
+        )
+    if not _triton_importable():
+        raise ModuleNotFoundError("backend='triton' needs the triton package: pip install triton")
+    if a.device.type != "cuda":
+        pe, ge = _kernels()
+        if not (pe.INTERPRETED and ge.INTERPRETED):
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU in "
+                "this process (@triton.jit reads it at import); set it in the environment before "
+                "the first backend='triton' call"
+            )
+
+
+def _auto_uses_triton(op: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> bool:
+    """The "auto" rule: Triton for CUDA tensors of a kernel dtype whose launch fills the
+    GPU; never the interpreter (if ``TRITON_INTERPRET=1`` compiled the kernels, torch).
+
+    ``op`` is ``"projected"`` or ``"gradient"``. Exposed for benchmarks/gpu_check.py, which
+    reports where it disagrees with measurements.
+    """
+    if a.device.type != "cuda" or a.dtype not in _KERNEL_DTYPES or b.dtype not in _KERNEL_DTYPES:
+        return False
+    if not _triton_importable():
+        return False
+    pe, ge = _kernels()
+    if pe.INTERPRETED or ge.INTERPRETED:
+        return False
+    n_seg = a.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if op == "projected":
+        programs = pe.num_programs(tuple(a.shape), b.shape[-1], n_seg)
+    else:
+        # Packed: estimate with the mean segment length (the launcher splits by length).
+        t = a.shape[1] if cu_seqlens is None else a.shape[0] // max(n_seg, 1)
+        programs = ge.num_programs(t, a.shape[-1], b.shape[-1], n_seg)
+    return programs >= AUTO_MIN_PROGRAMS
+
+
+def _resolve(op: str, backend: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        _check_triton(a, b)
+        return "triton"
+    if backend == "auto" and _auto_uses_triton(op, a, b, cu_seqlens):
+        return "triton"
     return "torch"
+
+
+def _prepare(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_seqlens):
+    _check_rows(name_a, a, name_b, b, cu_seqlens)
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, a.shape[0])
+    return cu_seqlens
+
+
+def _kernel_cu(cu_seqlens, device: torch.device):
+    # The kernels read int32 offsets from the inputs' device; a no-op when already so.
+    if cu_seqlens is None:
+        return None
+    return cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
 
 
 def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
@@ -38,18 +176,21 @@ def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor 
         u: ``[B, T, M]`` or packed ``[N, M]`` (projection A: the output gradient ``D``).
         v: ``[B, T, R]`` or packed ``[N, R]`` (projection A: ``P = X A^T``).
         cu_seqlens: ``None`` for padded inputs, else int32 ``[S + 1]`` segment offsets.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
 
     Returns:
-        float32 ``[B]`` (``[S]``); float64 for float64 inputs.
+        float32 ``[B]`` (``[S]``); float64 for float64 inputs (torch backend).
 
     Example:
         >>> u, v = torch.randn(2, 5, 7), torch.randn(2, 5, 3)
         >>> projected_energy(u, v).shape
         torch.Size([2])
     """
-    _check_rows("u", u, "v", v, cu_seqlens)
-    _resolve(backend)
+    _prepare("u", u, "v", v, cu_seqlens)
+    if _resolve("projected", backend, u, v, cu_seqlens) == "triton":
+        from .projected_energy_triton import projected_energy_triton
+
+        return projected_energy_triton(u, v, _kernel_cu(cu_seqlens, u.device))
     return projected_energy_ref(u, v, cu_seqlens)
 
 
@@ -59,6 +200,9 @@ def gradient_energy(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor |
     Args mirror :func:`projected_energy` with ``d`` the output gradient ``[.., M]`` and ``x``
     the module input ``[.., N]``. Returns float32 ``[B]`` (float64 for float64 inputs).
     """
-    _check_rows("d", d, "x", x, cu_seqlens)
-    _resolve(backend)
+    _prepare("d", d, "x", x, cu_seqlens)
+    if _resolve("gradient", backend, d, x, cu_seqlens) == "triton":
+        from .gradient_energy_triton import gradient_energy_triton
+
+        return gradient_energy_triton(d, x, _kernel_cu(cu_seqlens, d.device))
     return gradient_energy_ref(d, x, cu_seqlens)
