@@ -148,6 +148,46 @@ def test_projected_energy_strided_views():
     check_projected(u, v, cu_of(lens))
 
 
+class LaunchSpy:
+    """Stands in for a kernel object; records the tensors each launch received."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append([a for a in args if isinstance(a, torch.Tensor)])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_strided_inputs_reach_the_kernels_uncopied(monkeypatch):
+    # The kernels get the caller's storage and strides, not a .contiguous() copy.
+    from domlora_kernels.ops import gradient_energy_triton as ge
+    from domlora_kernels.ops import projected_energy_triton as pe
+
+    u = randn(2, 200, 10, dtype=torch.bfloat16, seed=1).transpose(1, 2)  # [2, 10, 200]
+    v = randn(2, 10, 8, dtype=torch.bfloat16, seed=2)[..., 2:5]
+    spies = {
+        "pe": LaunchSpy(pe.projected_energy_kernel),
+        "direct": LaunchSpy(ge.gradient_energy_direct_kernel),
+        "gram": LaunchSpy(ge.gradient_energy_gram_kernel),
+    }
+    monkeypatch.setattr(pe, "projected_energy_kernel", spies["pe"])
+    monkeypatch.setattr(ge, "gradient_energy_direct_kernel", spies["direct"])
+    monkeypatch.setattr(ge, "gradient_energy_gram_kernel", spies["gram"])
+    check_projected(u, v)
+    assert not uses_gram(10, 200, 3) and uses_gram(10, 200, 200)
+    check_gradient(u, v)  # direct
+    check_gradient(u, u)  # Gram
+    assert [len(s.launches) for s in spies.values()] == [1, 1, 1]
+    for s in spies.values():
+        a, b = s.launches[0][:2]
+        assert a.data_ptr() == u.data_ptr() and a.stride() == u.stride()
+        assert b.data_ptr() in (v.data_ptr(), u.data_ptr())
+
+
 def test_projected_energy_mixed_dtypes():
     # The probe may keep P = X A^T in float32 next to a bfloat16 D.
     u = randn(2, 63, 200, dtype=torch.bfloat16, seed=5)
