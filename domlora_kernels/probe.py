@@ -53,7 +53,8 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d: torch.Tensor):
-        ctx.call.reduce(d)
+        if ctx.call is not None:  # None: a checkpoint recompute's tap, never reduced
+            ctx.call.reduce(d)
         ctx.call = None  # free P / X as soon as the energy is known
         return d, None, None
 
@@ -77,6 +78,7 @@ class _Site:
     def __init__(self, cand: Candidate, probe: "_Probe"):
         self.cand, self.probe = cand, probe
         self.calls = 0  # forward calls in the current batch
+        self.deferred = 0  # no-grad forward calls a reentrant checkpoint will rerun in backward
         self.reduced = 0  # backward reductions in the current batch
         self.batch_energy: torch.Tensor | None = None  # [k, B] of the current batch
         self.sample_energies: list[torch.Tensor] = []  # fisher: [k, B] per batch
@@ -99,7 +101,22 @@ class _Site:
 
     def forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         p = self.probe
-        if not p.active or not torch.is_grad_enabled():
+        if not p.active:
+            return None
+        # Activation checkpointing runs a module's forward twice per batch. Non-reentrant: the
+        # first run has grad on and is tapped; the rerun, inside backward, only rebuilds saved
+        # tensors, so its tap reduces nothing (two would count the energy twice) but must exist:
+        # without it a frozen model's rerun saves no tensors and the checkpoint refuses the
+        # mismatch. Reentrant: the first run is under no_grad (no graph, no tap: counted in
+        # `deferred`) and the rerun builds the graph that is backpropagated, so it is tapped.
+        if _in_backward():
+            if not torch.is_grad_enabled():
+                return None
+            if self.deferred == 0:
+                return _Tap.apply(output, p.anchor, None)
+            self.deferred -= 1
+        elif not torch.is_grad_enabled():
+            self.deferred += 1
             return None
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
             raise TypeError(f"{self.cand.name}: expected a tensor input and output, got {type(output).__name__}")
@@ -189,7 +206,7 @@ class _Site:
                 f"non-finite summed gradient for module {self.cand.name} in the batch starting at sample "
                 f"{first_sample}: the model's gradients overflow (try float32, or find the sample with estimator='fisher')"
             )
-        self.calls = self.reduced = 0
+        self.calls = self.reduced = self.deferred = 0
         self.batch_energy = None
 
     def results(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -202,6 +219,33 @@ class _Site:
         for g in self.grad_sum.values():
             val += (g.to(torch.float64).cpu() / num_samples).square().sum(dim=(1, 2))
         return val * self.probe.scaling**2, None
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass (where checkpoints recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _keep_checkpointing(model: nn.Module) -> int:
+    """Leave transformers' checkpointed layers in training mode; returns how many.
+
+    transformers checkpoints a layer only while ``layer.training`` is True, and the probe puts
+    the model in eval mode, which would silently drop the activation memory savings that a
+    big model needs. Only the layer's own flag is set: its submodules (attention, dropout)
+    stay in eval, so no dropout runs. Called inside ``frozen_eval``, which restores the flags.
+    """
+    import sys
+
+    layers = sys.modules.get("transformers.modeling_layers")  # never import transformers here
+    cls = getattr(layers, "GradientCheckpointingLayer", None)
+    if cls is None:
+        return 0
+    kept = 0
+    for m in model.modules():
+        if isinstance(m, cls) and getattr(m, "gradient_checkpointing", False) is True:
+            m.training = True
+            kept += 1
+    return kept
 
 
 class _Probe:
@@ -356,6 +400,7 @@ def page_scores(
     num_batches = 0
     try:
         with frozen_eval(model), torch.enable_grad():
+            _keep_checkpointing(model)
             handles = [s.cand.module.register_forward_hook(s.forward_hook) for s in sites]
             try:
                 probe.active = True
