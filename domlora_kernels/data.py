@@ -93,8 +93,9 @@ def encode(record: dict, tokenizer, max_length: int = 256, where: str = "record"
                 continue
             # the assistant span: tokens added by message k after the generation prompt
             start = len(_chat_ids(tokenizer, msgs[:k], add_generation_prompt=True))
-            end = len(_chat_ids(tokenizer, msgs[: k + 1]))
-            if _chat_ids(tokenizer, msgs[: k + 1]) != ids[:end]:
+            upto = _chat_ids(tokenizer, msgs[: k + 1])
+            end = len(upto)
+            if upto != ids[:end]:
                 raise ValueError(f"{where}: the chat template does not render conversations prefix by prefix")
             labels[start:end] = ids[start:end]
     ids, labels = ids[:max_length], labels[:max_length]

@@ -82,8 +82,9 @@ def _peft_energies(model, batches, scores, projection, rank, alpha):
         for b in range(batch["input_ids"].shape[0]):
             length = int(batch["attention_mask"][b].sum())
             ids = batch["input_ids"][b : b + 1, :length]
+            labels = batch["labels"][b : b + 1, :length] if "labels" in batch else ids
             peft_model.zero_grad(set_to_none=True)
-            causal_lm_losses(peft_model(input_ids=ids, use_cache=False).logits, ids)[0].backward()
+            causal_lm_losses(peft_model(input_ids=ids, use_cache=False).logits, labels)[0].backward()
             for name, layer in layers.items():
                 factor = layer.lora_B if projection == "A" else layer.lora_A
                 per[name].append(float(factor["default"].weight.grad.double().square().sum()))
