@@ -256,6 +256,52 @@ class _Probe:
         self.anchor = torch.zeros((), requires_grad=True)
 
 
+def _merge_ranks(sites, probe, num_samples, num_batches, elapsed, group) -> tuple[int, int, float]:
+    """Replace each site's sums by those of all ranks (see :mod:`domlora_kernels.distributed`).
+
+    Returns ``(samples, batches, seconds of the slowest rank)`` over the group. Three
+    collectives in all, whatever the number of modules: the counts, then one gather or one
+    all-reduce of every module's energies packed in one buffer.
+    """
+    from . import distributed as dd
+
+    row = [0, num_samples, num_batches, int(elapsed * 1e6)] + [int(s.reached) for s in sites]
+    table = dd.gather_ints(row, group)  # [world, 4 + S]
+    failed = table[:, 0].nonzero().flatten().tolist()
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} failed during the probe (see their error); stopping this rank too")
+    counts = table[:, 1].tolist()
+    for i, s in enumerate(sites):
+        s.reached = bool(table[:, 4 + i].any())
+    k = len(probe.seeds)
+    if probe.estimator == "fisher":
+        local = torch.zeros(len(sites), k, num_samples, dtype=torch.float64)
+        for i, s in enumerate(sites):
+            if s.sample_energies:
+                local[i] = torch.cat([e.cpu() for e in s.sample_energies], dim=1)
+        merged = dd.gather_columns(local, counts, group)  # [S, k, N], rank-major
+        for i, s in enumerate(sites):
+            s.sample_energies = [merged[i]]
+    else:
+        keys = {"A": ["A"], "B": ["B"], "AB": ["A", "B"]}[probe.projection]
+        shapes = {"A": lambda c: (k, c.out_features, probe.rank), "B": lambda c: (k, probe.rank, c.in_features)}
+        parts = []
+        for s in sites:  # a module this rank never reached contributes zeros
+            for key in keys:
+                g = s.grad_sum.get(key)
+                parts.append(g.detach().to("cpu", torch.float64).flatten() if g is not None
+                             else torch.zeros(shapes[key](s.cand), dtype=torch.float64).flatten())
+        total = dd.all_reduce_sum(torch.cat(parts), group)
+        offset = 0
+        for s in sites:
+            for key in keys:
+                shape = shapes[key](s.cand)
+                n = math.prod(shape)
+                s.grad_sum[key] = total[offset:offset + n].view(shape)
+                offset += n
+    return sum(counts), int(table[:, 2].sum()), float(table[:, 3].max()) / 1e6
+
+
 def _validate(rank, projection, estimator, backend, seed, lora_alpha) -> list[int]:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
@@ -342,6 +388,7 @@ def page_scores(
     loss_fn: LossFn | None = None,
     backend: str = "auto",
     progress: bool = True,
+    process_group: Any = None,
 ) -> PageScores:
     """Measure PAGE (projected adapter gradient energy) for every candidate module.
 
@@ -368,7 +415,13 @@ def page_scores(
         lora_alpha / use_rslora: scaling ``alpha / r`` (``alpha / sqrt(r)``); None means 1.
         loss_fn: ``callable(model, batch) -> losses [B]`` (one per sample, not reduced).
         backend: ``"auto"`` or one of :data:`domlora_kernels.ops.BACKENDS`.
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0 only when distributed).
+        process_group: when ``torch.distributed`` is initialised, the data-parallel group whose
+            ranks each pass their own shard of the batches (:func:`domlora_kernels.distributed.shard`);
+            default: the world group (a DDP model's own group). Every rank then returns the
+            scores of all ranks' batches together, ``per_sample`` columns rank-major. A DDP
+            wrapper is probed through its ``.module``; an FSDP2 model needs the same number of
+            batches on every rank. See :mod:`domlora_kernels.distributed`.
 
     Returns:
         :class:`PageScores`.
@@ -383,6 +436,18 @@ def page_scores(
         raise TypeError("batches must be an iterable of batch dicts; wrap a single batch in a list: [batch]")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(model, batch) -> losses [B], got {type(loss_fn).__name__}")
+    from . import distributed as dd
+
+    model, process_group = dd.unwrap(model, process_group)
+    world_rank, world = dd.rank_and_world(process_group)
+    if world > 1 and dd.has_fsdp(model) and hasattr(batches, "__len__"):
+        counts = dd.gather_ints([len(batches)], process_group)[:, 0].tolist()
+        if len(set(counts)) > 1:
+            raise ValueError(
+                f"FSDP runs collectives in every forward, so every rank must probe the same number of batches; "
+                f"got {counts} per rank. Give each rank an equal share (e.g. a calibration set whose size "
+                f"divides by world_size x batch_size)"
+            )
     candidates = find_candidates(model, target_modules, exclude_modules)
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = _Probe(rank, seeds, projection, estimator, scaling, backend)
@@ -391,7 +456,7 @@ def page_scores(
 
     total = len(batches) if hasattr(batches, "__len__") else None
     bar = None
-    if progress:
+    if progress and world_rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="PAGE probe", unit="batch", leave=False)
@@ -438,15 +503,21 @@ def page_scores(
                 probe.active = False
                 for h in handles:
                     h.remove()
+    except Exception:
+        if world > 1:  # let the other ranks stop with an error instead of waiting for this one
+            dd.gather_ints([1, 0, 0, 0] + [0] * len(sites), process_group)
+        raise
     finally:
         if bar is not None:
             bar.close()
+    elapsed = time.perf_counter() - t0
+    if world > 1:
+        num_samples, num_batches, elapsed = _merge_ranks(sites, probe, num_samples, num_batches, elapsed, process_group)
     if num_batches == 0:
         raise ValueError("batches is empty: give at least one batch of calibration samples")
-    elapsed = time.perf_counter() - t0
 
     idle = [s.cand.name for s in sites if not s.reached]
-    if idle:
+    if idle and world_rank == 0:
         warnings.warn(
             f"{len(idle)} candidate module(s) got no gradient (never ran, or off the loss path) and score 0: "
             f"{', '.join(idle[:5])}{', ...' if len(idle) > 5 else ''}",
@@ -471,4 +542,6 @@ def page_scores(
         else list(exclude_modules),
     }
     meta = {"probe_seconds": elapsed, "num_batches": num_batches, "torch": torch.__version__}
+    if world > 1:
+        meta.update({"world_size": world, "sample_order": "rank-major"})
     return PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta)

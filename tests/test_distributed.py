@@ -1,0 +1,136 @@
+"""torch.distributed: 2 ranks on the CPU (gloo) must give what one process gives on all batches.
+
+One torchrun launch (tests/dist_worker.py) runs every set-up and every projection x
+estimator on each rank and writes JSON; the single-process references are computed here on
+the same tiny float64 Llama and batches. Agreement: rel 1e-6 on scores, by_seed and every
+per-sample energy (per_sample columns rank-major, equal to the unsharded order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_worker import COMBOS, all_batches, seeds_for
+from domlora_kernels import PageScores, page_scores
+from domlora_kernels.distributed import is_active, rank_and_world, shard
+from tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+TOL = 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "dist_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+_REF: dict = {}
+
+
+def _reference(n_batches, projection, estimator):
+    key = (n_batches, projection, estimator)
+    if key not in _REF:
+        _REF[key] = page_scores(tiny_model("llama", torch.float64), all_batches()[:n_batches], rank=3,
+                                projection=projection, estimator=estimator, seed=seeds_for(projection),
+                                progress=False)
+    return _REF[key]
+
+
+def _worst_rel(got: PageScores, ref: PageScores) -> float:
+    assert list(got.scores) == list(ref.scores)  # same names (DDP's "module." prefix is gone)
+    assert got.num_samples == ref.num_samples
+    worst = 0.0
+    for n, v in ref.scores.items():
+        assert v > 0, n
+        worst = max(worst, abs(got.scores[n] - v) / v)
+        for s in ref.by_seed:
+            worst = max(worst, abs(got.by_seed[s][n] - ref.by_seed[s][n]) / ref.by_seed[s][n])
+        if ref.per_sample is not None:
+            t = ref.per_sample[n]
+            assert got.per_sample[n].shape == t.shape
+            worst = max(worst, float(((got.per_sample[n] - t).abs() / t.abs()).max()))
+    return worst
+
+
+def _check_setup(ranks, setup, n_batches):
+    for rk in ranks:
+        assert rk.get("fsdp_error") is None, rk.get("fsdp_error")
+        for projection, estimator in COMBOS:
+            got = PageScores.from_dict(rk[setup][f"{projection}-{estimator}"])
+            ref = _reference(n_batches, projection, estimator)
+            assert got.meta["world_size"] == WORLD and got.meta["sample_order"] == "rank-major"
+            assert got.meta["num_batches"] == n_batches
+            rel = _worst_rel(got, ref)
+            assert rel < TOL, (setup, rk["rank"], projection, estimator, rel)
+
+
+@pytest.mark.parametrize("setup,n_batches", [("plain", 5), ("ddp", 5), ("fsdp", 4), ("fsdp_ckpt", 4)])
+def test_two_ranks_equal_one_process(ranks, setup, n_batches):
+    _check_setup(ranks, setup, n_batches)
+
+
+def test_fsdp_checkpointing_really_recomputed(ranks):
+    assert all(rk["fsdp_ckpt_calls_per_batch"] == 2 for rk in ranks)
+
+
+def test_ddp_model_still_trains_after_probe(ranks):
+    for rk in ranks:
+        assert rk["ddp_requires_grad"] and rk["ddp_grad_none"]
+    # each rank stepped on its own shard: equal gradients mean DDP's all-reduce still ran
+    assert ranks[0]["ddp_grad_after_step"] == ranks[1]["ddp_grad_after_step"]
+    assert all(g > 0 for g in ranks[0]["ddp_grad_after_step"])
+
+
+def test_fsdp_refuses_unequal_batch_counts(ranks):
+    for rk in ranks:
+        assert "same number of batches" in rk["fsdp_uneven_error"] and "[3, 2]" in rk["fsdp_uneven_error"]
+
+
+def test_error_on_one_rank_stops_all(ranks):
+    assert ranks[1]["error"].startswith("ValueError: batch 2 has no 'input_ids'")
+    assert ranks[0]["error"] == "RuntimeError: rank(s) [1] failed during the probe (see their error); stopping this rank too"
+
+
+# ------------------------------------------------------------- no torchrun needed
+@pytest.mark.parametrize("n,world", [(0, 2), (1, 3), (5, 2), (7, 3), (12, 4)])
+def test_shard_is_contiguous_balanced_and_complete(n, world):
+    items = list(range(n))
+    parts = [shard(items, r, world) for r in range(world)]
+    assert sum(parts, []) == items
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert [len(p) for p in parts] == sorted((len(p) for p in parts), reverse=True)
+
+
+def test_shard_defaults_and_errors():
+    assert not is_active() and rank_and_world() == (0, 1)
+    assert shard((1, 2, 3)) == [1, 2, 3]
+    with pytest.raises(ValueError, match="both rank and world_size"):
+        shard([1], rank=0)
+    with pytest.raises(ValueError, match="0 <= rank < world_size"):
+        shard([1], rank=2, world_size=2)
+    with pytest.raises(TypeError, match="wrap an iterable in list"):
+        shard(iter([1, 2]), 0, 1)
+
