@@ -55,7 +55,10 @@ def _target(text: str):
 
 def run_probe(args: argparse.Namespace):
     """Load the model and data named by ``args`` and probe; returns ``(scores, model, tokenizer)``."""
+    import torch
+
     from .data import load_calibration, make_batches, read_jsonl
+    from .distributed import gather_ints, rank_and_world, shard
     from .models import DEFAULT_NAME, load_model
     from .probe import page_scores
 
@@ -67,7 +70,12 @@ def run_probe(args: argparse.Namespace):
     records = read_jsonl(args.data) if args.data else load_calibration(args.tasks.split(",") if args.tasks else None)
     if args.num_samples is not None:
         records = records[: args.num_samples]
-    batches = make_batches(records, tok, args.batch_size, args.max_length)
+    # under torchrun each rank probes its contiguous share; page_scores merges them rank-major
+    rank, world = rank_and_world()
+    mine = shard(records) if world > 1 else records
+    batches = make_batches(mine, tok, args.batch_size, args.max_length) if mine else []
+    if world > 1 and torch.distributed.get_backend() == "nccl":
+        model.to(torch.device("cuda", torch.cuda.current_device()))
     scores = page_scores(
         model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
         estimator=args.estimator, seed=args.seed, lora_alpha=args.lora_alpha, backend=args.backend,
@@ -80,11 +88,17 @@ def run_probe(args: argparse.Namespace):
         "load_seconds": t_load,
         "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
     })
+    if world > 1:
+        scores.meta["tokens"] = int(gather_ints([scores.meta["tokens"]]).sum())
     return scores, model, tok
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from .distributed import rank_and_world
+
     scores, _, _ = run_probe(args)
+    if rank_and_world()[0] != 0:  # every rank holds the same merged scores; rank 0 reports
+        return 0
     m = scores.meta
     print(f"model: {m['model']}")
     print(f"data: {m['data']}: {scores.num_samples} samples, {m['tokens']} tokens")
@@ -116,11 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import destroy, init_from_env
+
+    owned = False
     try:
+        owned = init_from_env()  # under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if owned:
+            destroy()
 
 
 if __name__ == "__main__":
