@@ -134,3 +134,35 @@ def test_shard_defaults_and_errors():
     with pytest.raises(TypeError, match="wrap an iterable in list"):
         shard(iter([1, 2]), 0, 1)
 
+
+
+# ------------------------------------------------- one process, model spread over devices
+def _spread(devices):
+    from accelerate import dispatch_model
+
+    first, second = devices
+    device_map = {"model.embed_tokens": first, "model.layers.0": first, "model.layers.1": second,
+                  "model.norm": second, "model.rotary_emb": second, "lm_head": second}
+    return dispatch_model(tiny_model("llama", torch.float64), device_map=device_map)
+
+
+def _check_spread(devices):
+    model = _spread(devices)
+    assert {str(p.device) for p in model.parameters()} == {str(torch.device(d)) for d in set(devices)}
+    for projection, estimator in COMBOS:
+        got = page_scores(model, all_batches()[:2], rank=3, projection=projection, estimator=estimator,
+                          seed=seeds_for(projection), progress=False)
+        assert _worst_rel(got, _reference(2, projection, estimator)) < TOL, (projection, estimator)
+
+
+def test_device_map_dispatched_model_on_cpu():
+    """accelerate's dispatch hooks around every layer (CPU only here: all devices are "cpu")."""
+    pytest.importorskip("accelerate")
+    _check_spread(["cpu", "cpu"])
+
+
+@pytest.mark.gpu
+def test_device_map_split_between_cpu_and_gpu():
+    """Layer 0 on the CPU, layer 1 on CUDA: A and B drawn once, cached per device."""
+    pytest.importorskip("accelerate")
+    _check_spread(["cpu", "cuda:0"])
