@@ -135,7 +135,7 @@ class Confidence:
         if self.num_resamples is None:
             return (f"dominant: {self.dominant} (share {100 * self.share:.0f}%, top-1 in {seeds}; no bootstrap: "
                     f"estimator {self.estimator!r} keeps no per-sample energies)")
-        pct = math.floor(100 * self.dominant_bootstrap + 1e-9)
+        pct = floor_percent(self.dominant_bootstrap)
         return (f"dominant: {self.dominant} (share {100 * self.share:.0f}%, top-1 in {pct}% of "
                 f"{self.num_resamples} resamples and {seeds})")
 
@@ -153,6 +153,11 @@ class Confidence:
         if d.get("share_interval") is not None:
             d["share_interval"] = {k: (float(v[0]), float(v[1])) for k, v in d["share_interval"].items()}
         return cls(**d)
+
+
+def floor_percent(fraction: float) -> int:
+    """``fraction`` in whole percent, rounded down, so that 100 means all (199/200 reads 99)."""
+    return math.floor(100 * fraction + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
 
 
 def _check(scores: PageScores, num_resamples: int, seed: int) -> None:
