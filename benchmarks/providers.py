@@ -1,0 +1,258 @@
+"""The providers the probe benchmark compares, all on the same model and the same batch.
+
+Every provider does the work of one PAGE measurement of one batch (forward, backward, the
+energies) and returns its energies as ``{module name: float64 tensor}`` so the harness can
+check that the providers agree before it compares their times. The loss is the same
+everywhere: per-sample mean next-token cross-entropy
+(:func:`domlora_kernels.losses.causal_lm_losses`), summed over the batch.
+
+A provider is a class with three steps, of which only ``run`` is timed:
+
+- ``prepare()``: untimed state changes the method needs on the shared model (weights that
+  require grad, Opacus' wrapper), so that no provider leaves hooks or flags on the model
+  that would slow down the next one;
+- ``run()``: the measured work, returns the energies;
+- ``teardown()``: undo ``prepare`` (the model is left frozen, in eval mode, no ``.grad``).
+
+The shared model is kept frozen and in eval mode between providers, which is the state
+``page_scores`` also leaves it in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from domlora_kernels import page_scores
+from domlora_kernels.losses import causal_lm_losses
+from domlora_kernels.lora_init import draw_lora_A
+from domlora_kernels.modules import find_candidates
+
+Energies = dict[str, torch.Tensor]
+
+
+def _losses(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample losses ``[B]`` of a full-length batch (labels = input ids, no padding)."""
+    out = model(input_ids=ids, use_cache=False)
+    return causal_lm_losses(out.logits, ids)
+
+
+class Provider:
+    """Base class: holds the model, the batch ``ids [B, T]`` and the rank."""
+
+    name = "?"
+    # What the energies are comparable with: "A" (per-sample ||G_b A^T||^2), "A-batch"
+    # (||sum_b G_b A^T||^2), "expected" (r / 3n ||G_b||^2), or None (the floor computes none).
+    kind: str | None = "A"
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, rank: int):
+        self.model, self.ids, self.rank = model, ids, rank
+        self.cands = find_candidates(model)
+        # The probe's own A matrices, drawn once outside the timed region: every naive
+        # provider projects its gradients on exactly the A the probe uses.
+        self.A = {c.name: draw_lora_A(c.name, rank, c.in_features, 0).to(ids.device) for c in self.cands}
+
+    def prepare(self) -> None:
+        pass
+
+    def run(self) -> Energies | None:
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        pass
+
+    # shared helpers
+    def _weights_require_grad(self, flag: bool) -> None:
+        for c in self.cands:
+            c.module.weight.requires_grad_(flag)
+            c.module.weight.grad = None
+
+
+class Probe(Provider):
+    """``page_scores`` as shipped: backend "auto", estimator fisher, projection A."""
+
+    name = "probe"
+    projection = "A"
+
+    def run(self) -> Energies:
+        s = page_scores(
+            self.model, [{"input_ids": self.ids}], rank=self.rank, projection=self.projection,
+            estimator="fisher", progress=False,
+        )
+        return {n: t[0] for n, t in s.per_sample.items()}
+
+
+class ProbeExpected(Probe):
+    """``page_scores(projection="expected")``: E_A ||G_b A^T||^2 = r/(3n) ||G_b||^2, the
+    quantity Opacus' ghost norms give too."""
+
+    name = "probe-expected"
+    kind = "expected"
+    projection = "expected"
+
+
+class Floor(Provider):
+    """The same forward and backward with every weight frozen and no probe: what the probe
+    cannot go below. The embedding output is made to require grad (as
+    ``enable_input_require_grads`` does) so that backward runs through every layer."""
+
+    name = "floor"
+    kind = None
+
+    def prepare(self) -> None:
+        emb = self.model.get_input_embeddings()
+        self._h = emb.register_forward_hook(lambda mod, args, out: out.requires_grad_(True))
+
+    def run(self) -> None:
+        with torch.enable_grad():
+            _losses(self.model, self.ids).sum().backward()
+        return None
+
+    def teardown(self) -> None:
+        self._h.remove()
+
+
+class Autograd(Provider):
+    """Naive: candidate weights require grad, one backward of the summed loss, then
+    ``||G A^T||^2`` per module from the batch gradient ``G = weight.grad`` (not per sample)."""
+
+    name = "autograd"
+    kind = "A-batch"
+
+    def prepare(self) -> None:
+        self._weights_require_grad(True)
+
+    def run(self) -> Energies:
+        for c in self.cands:
+            c.module.weight.grad = None
+        with torch.enable_grad():
+            _losses(self.model, self.ids).sum().backward()
+        with torch.no_grad():
+            return {c.name: (c.module.weight.grad @ self.A[c.name].T).square().sum().double().reshape(1) for c in self.cands}
+
+    def teardown(self) -> None:
+        self._weights_require_grad(False)
+
+
+class AutogradPerSample(Autograd):
+    """Naive and exactly the paper's definition: one sample per forward/backward,
+    ``||G_b A^T||^2`` per module and sample. (Oracle 1 of PAGE.md, in float32.)"""
+
+    name = "autograd-per-sample"
+    kind = "A"
+
+    def run(self) -> Energies:
+        out = {c.name: torch.zeros(self.ids.shape[0], dtype=torch.float64) for c in self.cands}
+        for b in range(self.ids.shape[0]):
+            for c in self.cands:
+                c.module.weight.grad = None
+            with torch.enable_grad():
+                _losses(self.model, self.ids[b:b + 1]).sum().backward()
+            with torch.no_grad():
+                for c in self.cands:
+                    out[c.name][b] = float((c.module.weight.grad @ self.A[c.name].T).square().sum())
+        return out
+
+
+class TorchFunc(Provider):
+    """``torch.func``: ``vmap(grad(loss of one sample))`` over the batch, differentiating only
+    the candidate weights through ``functional_call``. Holds ``B`` copies of all candidate
+    weights (their per-sample gradients) at once."""
+
+    name = "torch.func"
+
+    def prepare(self) -> None:
+        from torch.func import functional_call, grad, vmap
+
+        model = self.model
+        names = [c.name + ".weight" for c in self.cands]
+        params = dict(model.named_parameters())
+        self._params = {n: params[n].detach() for n in names}
+
+        def loss_one(p, ids_row):
+            # causal_lm_losses checks for empty rows with a data-dependent nonzero(), which
+            # vmap cannot batch; for full-length rows (no -100 label) its value is exactly
+            # this mean next-token cross-entropy.
+            out = functional_call(model, p, (ids_row.unsqueeze(0),), {"use_cache": False})
+            return F.cross_entropy(out.logits[0, :-1].float(), ids_row[1:], reduction="mean")
+
+        self._fn = vmap(grad(loss_one), in_dims=(None, 0))
+
+    def run(self) -> Energies:
+        with torch.enable_grad():
+            g = self._fn(self._params, self.ids)  # name -> [B, m, n]
+        with torch.no_grad():
+            return {c.name: (g[c.name + ".weight"] @ self.A[c.name].T).square().sum(dim=(1, 2)).double() for c in self.cands}
+
+    def teardown(self) -> None:
+        self._fn = self._params = None
+
+
+class Opacus(Provider):
+    """Opacus' ghost norms (``GradSampleModuleFastGradientClipping``, ``use_ghost_clipping``):
+    per-sample ``||G_b||`` of each linear weight from ``[T, T]`` Gram matrices in one backward
+    pass; weights require grad, so autograd also forms the batch weight gradients.
+    Compared with ``page_scores(projection="expected")``: energy ``r / (3n) ||G_b||^2``."""
+
+    name = "opacus"
+    kind = "expected"
+
+    def prepare(self) -> None:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+        self._weights_require_grad(True)
+        # strict=False: Llama keeps its rotary frequencies in a buffer, which strict mode
+        # refuses; loss_reduction="sum" matches our summed per-sample losses (no rescale).
+        self._gsm = GradSampleModuleFastGradientClipping(
+            self.model, batch_first=True, loss_reduction="sum", strict=False, use_ghost_clipping=True,
+        )
+        # Opacus captures activations only in training mode; Llama has no active dropout
+        # (attention_dropout 0), so train mode computes the same function as eval.
+        self.model.train()
+
+    def run(self) -> Energies:
+        for c in self.cands:
+            c.module.weight.grad = None
+        with torch.enable_grad():
+            _losses(self._gsm, self.ids).sum().backward()
+        out = {}
+        for c in self.cands:
+            ns = c.module.weight._norm_sample  # [B] per-sample ||G_b||_F
+            out[c.name] = ns.double().square() * (self.rank / (3.0 * c.in_features))
+        return out
+
+    def teardown(self) -> None:
+        self._gsm._close()
+        self.model.eval()
+        for c in self.cands:
+            for attr in ("_norm_sample", "_forward_counter", "grad_sample"):
+                if hasattr(c.module.weight, attr):
+                    delattr(c.module.weight, attr)
+        self._weights_require_grad(False)
+        self._gsm = None
+
+
+PROVIDERS: dict[str, Callable[..., Provider]] = {
+    p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus)
+}
+
+
+def per_sample_grad_bytes(model: nn.Module, batch: int) -> int:
+    """Bytes of ``batch`` per-sample copies of all candidate weights (what torch.func holds)."""
+    return batch * sum(c.module.weight.numel() * c.module.weight.element_size() for c in find_candidates(model))
+
+
+def rel_err(a: Energies, b: Energies) -> float:
+    """Largest over modules of ``||a - b|| / ||b||`` of the per-sample energy vectors."""
+    worst = 0.0
+    for n, ref in b.items():
+        x = a[n].double().cpu()
+        ref = ref.double().cpu()
+        denom = float(ref.norm())
+        err = float((x - ref).norm()) / denom if denom > 0 else float(x.norm())
+        worst = max(worst, err if math.isfinite(err) else math.inf)
+    return worst
