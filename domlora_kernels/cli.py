@@ -39,6 +39,8 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probe")
     g.add_argument("--rank", type=_positive(int), default=8)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", type=_positive(int), default=1,
+                   help="probe N A draws at once (seeds SEED..SEED+N-1, one backward pass) for seed statistics")
     g.add_argument("--projection", choices=PROJECTIONS, default="A")
     g.add_argument("--estimator", choices=ESTIMATORS, default="fisher")
     g.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha/rank as in peft (default: scaling 1)")
@@ -51,6 +53,20 @@ def _target(text: str):
     if text == "all-linear" or "," not in text and any(c in text for c in "^$*+?[](){}|\\"):
         return text
     return [t for t in text.split(",") if t]
+
+
+def _seeds(args: argparse.Namespace):
+    n = getattr(args, "seeds", 1)
+    return args.seed if n == 1 else list(range(args.seed, args.seed + n))
+
+
+def _confidence(scores, args: argparse.Namespace):
+    """Confidence of the dominant module, stored in the report under meta["confidence"]."""
+    from .confidence import confidence
+
+    conf = confidence(scores, num_resamples=args.resamples, seed=args.bootstrap_seed)
+    scores.meta["confidence"] = conf.to_dict()
+    return conf
 
 
 def run_probe(args: argparse.Namespace):
@@ -78,7 +94,7 @@ def run_probe(args: argparse.Namespace):
         model.to(torch.device("cuda", torch.cuda.current_device()))
     scores = page_scores(
         model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
-        estimator=args.estimator, seed=args.seed, lora_alpha=args.lora_alpha, backend=args.backend,
+        estimator=args.estimator, seed=_seeds(args), lora_alpha=args.lora_alpha, backend=args.backend,
         progress=not args.no_progress,
     )
     tasks = sorted({r.get("task", "user") for r in records})
@@ -103,7 +119,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"model: {m['model']}")
     print(f"data: {m['data']}: {scores.num_samples} samples, {m['tokens']} tokens")
     c = scores.config
-    print(f"probe: rank {c['rank']}, projection {c['projection']}, estimator {c['estimator']}, seed {c['seeds'][0]}, "
+    seeds = f"seed {c['seeds'][0]}" if len(c["seeds"]) == 1 else f"seeds {c['seeds'][0]}..{c['seeds'][-1]}"
+    print(f"probe: rank {c['rank']}, projection {c['projection']}, estimator {c['estimator']}, {seeds}, "
           f"{len(scores.scores)} modules; load {m['load_seconds']:.1f} s, probe {m['probe_seconds']:.1f} s")
     print()
     print(scores.table(args.top))
@@ -112,9 +129,57 @@ def cmd_probe(args: argparse.Namespace) -> int:
     info = scores.modules[dom]
     print(f"dominant module: {dom} (layer {info.layer}, {info.type}, share {100 * scores.shares[dom]:.1f}% of "
           f"{len(scores.scores)} modules)")
+    conf = _confidence(scores, args)
+    print(conf.sentence())
+    if conf.seed_spearman is not None:
+        print(f"rank agreement between the {conf.num_seeds} seeds: mean pairwise Spearman {conf.seed_spearman:.3f}")
     path = scores.to_json(args.out)
     print(f"report: {path}")
+    if args.plot:
+        from .report import plot_report
+
+        for png in plot_report(scores, path, conf=conf, top=args.top, log_scale=args.log_scale):
+            print(f"plot: {png}")
     return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import json
+
+    from .placement import apply_domlora
+
+    if args.variant == "adalora" and args.total_step is None:
+        raise ValueError("--variant adalora needs --total-step (the number of training steps AdaLoRA schedules over)")
+    if args.lora_alpha is None:
+        # probe with the adapter's own alpha: the report's PAGE is then the adapter's first ||lora_B.grad||^2
+        args.lora_alpha = 16.0
+    scores, model, _ = run_probe(args)
+    conf = _confidence(scores, args)
+    print(conf.sentence())
+    extra = {"total_step": args.total_step} if args.variant == "adalora" else {}
+    pm = apply_domlora(model, scores, r=args.rank, lora_alpha=args.lora_alpha, top_k=args.top_k, variant=args.variant,
+                       rank_pattern=args.rank_pattern, verbose=True, **extra)
+    out = Path(args.out_dir)
+    pm.save_pretrained(out)
+    scores.to_json(out / "page_scores.json")
+    (out / "domlora_placement.json").write_text(json.dumps(pm.domlora_placement.to_dict(), indent=1))
+    print(f"adapter: {out} (adapter_config.json, adapter_model.safetensors), with page_scores.json and domlora_placement.json")
+    print(f"load it with: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .report import compare
+    from .scores import PageScores
+
+    a, b = PageScores.from_json(args.a), PageScores.from_json(args.b)
+    print(compare(a, b, top=args.top, label_a=str(args.a), label_b=str(args.b)).text())
+    return 0
+
+
+def _add_confidence_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resamples", type=_positive(int), default=200, help="bootstrap resamples of the calibration set")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_args(p)
     p.add_argument("--top", type=_positive(int), default=15, help="rows of the ranked table")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON report path (default: {DEFAULT_OUT})")
+    p.add_argument("--plot", action="store_true", help="also write <out>_heatmap.png and <out>_top.png next to the report")
+    p.add_argument("--log-scale", action="store_true", help="logarithmic colour scale for the heatmap")
+    _add_confidence_args(p)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("apply", help="probe, then save a peft adapter on the top-PAGE module(s), lora_A set to the probe's A")
+    add_probe_args(p)
+    p.add_argument("--top-k", type=_positive(int), default=1, help="adapt the K highest-PAGE modules (default 1)")
+    p.add_argument("--variant", choices=("lora", "dora", "rslora", "adalora"), default="lora")
+    p.add_argument("--rank-pattern", choices=("page",), default=None, help="page: ranks proportional to PAGE over the top-k")
+    p.add_argument("--total-step", type=_positive(int), default=None, help="training steps (required by --variant adalora)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT.parent / "adapter", help="adapter folder (default: domlora_out/adapter)")
+    _add_confidence_args(p)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("compare", help="do two PAGE reports agree? dominant module, rank correlations, top-k overlap")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--top", type=_positive(int), default=5, help="size of the top lists to overlap (default 5)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
@@ -136,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         owned = init_from_env()  # under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,0 +1,117 @@
+"""`domlora probe --plot --seeds`, `domlora apply` (adapter folder loads back with peft), `domlora compare`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from domlora_kernels.cli import main
+from domlora_kernels.lora_init import draw_lora_A
+from domlora_kernels.scores import ModuleInfo, PageScores
+
+peft = pytest.importorskip("peft")
+WORDS = [f"w{i}" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A local transformers folder (tiny Llama + word-level tokenizer) and a jsonl of text records."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    tok.save_pretrained(root / "model")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(vocab), pad_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    g = torch.Generator().manual_seed(0)
+    with open(root / "data.jsonl", "w") as f:
+        for n in (7, 11, 5, 9, 13, 6):
+            f.write(json.dumps({"text": " ".join(WORDS[int(i)] for i in torch.randint(0, 60, (n,), generator=g))}) + "\n")
+    return root / "model", root / "data.jsonl"
+
+
+def _common(tiny_folder):
+    model, data = tiny_folder
+    return ["--model", str(model), "--data", str(data), "--batch-size", "4", "--no-progress", "--resamples", "40"]
+
+
+def test_probe_plot_and_seeds(tiny_folder, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rep" / "scores.json"
+    assert main(["probe", *_common(tiny_folder), "--seeds", "3", "--plot", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = PageScores.from_json(out)
+    assert scores.seeds == [0, 1, 2] and scores.per_sample[scores.dominant_module].shape == (3, 6)
+    conf = scores.meta["confidence"]
+    assert conf["num_seeds"] == 3 and conf["num_resamples"] == 40
+    assert conf["sentence"] in printed and conf["sentence"].startswith(f"dominant: {scores.dominant_module} (share ")
+    assert "of 40 resamples and" in conf["sentence"] and "/3 seeds)" in conf["sentence"]
+    for name in ("scores_heatmap.png", "scores_top.png"):
+        png = out.parent / name
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"plot: {png}" in printed
+
+
+def test_apply_writes_an_adapter_peft_loads_back(tiny_folder, tmp_path, capsys):
+    import transformers as tf
+
+    out = tmp_path / "adapter"
+    assert main(["apply", *_common(tiny_folder), "--top-k", "2", "--rank", "4", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = PageScores.from_json(out / "page_scores.json")
+    placement = json.loads((out / "domlora_placement.json").read_text())
+    top2 = [n for n, _ in scores.ranked()[:2]]
+    assert placement["targets"] == top2 and placement["copied_A"] == top2
+    assert scores.config["lora_alpha"] == 16.0 and scores.config["scaling"] == 4.0  # probe used the adapter's alpha
+    assert "trainable parameters:" in printed and placement["trainable_params"] == sum(
+        4 * (scores.modules[n].in_features + scores.modules[n].out_features) for n in top2)
+
+    base = tf.AutoModelForCausalLM.from_pretrained(tiny_folder[0]).eval()
+    ids = torch.tensor([[3, 8, 9, 20, 4]])
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+    pm = peft.PeftModel.from_pretrained(base, out)
+    layers = {n: m for n, m in pm.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert sorted(layers) == sorted(top2)
+    for n in top2:
+        assert torch.equal(layers[n].lora_A["default"].weight, draw_lora_A(n, 4, scores.modules[n].in_features, 0))
+        assert layers[n].scaling["default"] == 4.0
+    with torch.no_grad():
+        assert torch.allclose(pm(input_ids=ids).logits, ref, atol=1e-6)  # lora_B = 0: the output is unchanged
+
+
+def test_apply_adalora_requires_total_step(tiny_folder, tmp_path, capsys):
+    rc = main(["apply", *_common(tiny_folder), "--variant", "adalora", "--out-dir", str(tmp_path / "a")])
+    assert rc == 2 and "--total-step" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def _report(pages: list[float], path, names=None):
+    names = names or [f"model.layers.{i}.mlp.down_proj" for i in range(len(pages))]
+    modules = {n: ModuleInfo(i, "down_proj", 8, 8) for i, n in enumerate(names)}
+    sc = dict(zip(names, pages))
+    cfg = {"rank": 8, "projection": "A", "estimator": "fisher", "seeds": [0], "scaling": 1.0}
+    return PageScores(sc, {0: sc}, None, modules, 1, cfg).to_json(path)
+
+
+def test_compare_command(tmp_path, capsys):
+    a = _report([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], tmp_path / "a.json")
+    b = _report([6.0, 5.0, 4.0, 3.0, 2.0, 1.0], tmp_path / "b.json")
+    assert main(["compare", str(a), str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "same dominant module: yes" in out and "Spearman 1.000, Kendall tau-b 1.000" in out
+    assert "top-5 overlap: 5/5" in out
+    assert main(["compare", str(a), str(b), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "same dominant module: no" in out and "Spearman -1.000, Kendall tau-b -1.000" in out
+    assert "top-3 overlap: 0/3" in out
+    c = _report([1.0, 2.0], tmp_path / "c.json", names=["x.q", "x.k"])
+    assert main(["compare", str(a), str(c)]) == 2
+    assert "cover different modules" in capsys.readouterr().err
