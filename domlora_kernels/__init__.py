@@ -8,5 +8,14 @@
 from .probe import PROJECTIONS, ESTIMATORS, page_scores
 from .scores import PageScores
 
-__all__ = ["page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS"]
+# these modules import peft / matplotlib inside the functions that need them, so importing them here is cheap
+from .confidence import Confidence, confidence
+from .placement import VARIANTS, Placement, apply_domlora, domlora_config
+from .report import Comparison, compare, plot_heatmap, plot_top, text_report
+
+__all__ = [
+    "page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS",
+    "domlora_config", "apply_domlora", "Placement", "VARIANTS",
+    "confidence", "Confidence", "compare", "Comparison", "plot_heatmap", "plot_top", "text_report",
+]
 __version__ = "0.1.0"
