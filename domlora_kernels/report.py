@@ -159,7 +159,7 @@ def plot_heatmap(scores: PageScores, path: str | Path, log_scale: bool = False, 
                     continue
                 rgba = cmap(norm(max(v, vmax * 1e-4) if log_scale else v))
                 light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.5
-                ax.text(j, i, f"{v:.1f}" if v >= 0.05 else "0", ha="center", va="center", fontsize=6.5,
+                ax.text(j, i, f"{v:.1f}" if v >= 0.095 else f"{v:.1g}" if v > 0 else "0", ha="center", va="center", fontsize=6.5,
                         color="black" if light else "white")
     dom = scores.dominant_module
     info = scores.modules[dom]
