@@ -10,6 +10,11 @@ also takes ``anchor``, a scalar leaf that requires grad: the outputs of the taps
 the graph, and backward stops at the first tapped modules instead of running to the
 embeddings. The losses of the rows are summed, not averaged, so row ``b`` receives exactly
 ``d loss_b / d Y_b``: the per-sample gradients come out of one ordinary backward pass.
+
+Activation checkpointing reruns a module's forward; hooks that fire inside the backward pass
+are recognised as such reruns, so each call is reduced exactly once (``_Site.forward_hook``).
+Under ``torch.distributed`` each rank probes its own batches and ``_merge_ranks`` combines
+the ranks after the last one (:mod:`domlora_kernels.distributed`).
 """
 
 from __future__ import annotations
