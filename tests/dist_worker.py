@@ -90,6 +90,21 @@ def main(out_dir: str) -> None:
         res["fsdp_ckpt"] = probe_all(model, shard(batches[:4]))
         hook.remove()
         res["fsdp_ckpt_calls_per_batch"] = len(calls) / (len(COMBOS) * len(shard(batches[:4])))
+        # the README's recipe for a model too big for one host: build on the meta device,
+        # shard, then rank 0 alone reads the weights and broadcasts them into the shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        ref = tiny_model("llama", torch.float64)
+        with torch.device("meta"):
+            big = type(ref)(ref.config).to(torch.float64)
+        for layer in big.model.layers:
+            fully_shard(layer)
+        fully_shard(big)
+        big.to_empty(device="cpu")
+        big.model.rotary_emb = type(big.model.rotary_emb)(big.config)  # non-persistent buffer: rebuild
+        full = ref.state_dict() if rank == 0 else {}
+        set_model_state_dict(big, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        res["fsdp_meta"] = probe_all(big.eval(), shard(batches[:4]))
         # uneven batch counts must be refused up front, not hang
         try:
             page_scores(model, shard(batches), rank=3, progress=False)

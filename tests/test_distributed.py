@@ -87,7 +87,7 @@ def _check_setup(ranks, setup, n_batches):
             assert rel < TOL, (setup, rk["rank"], projection, estimator, rel)
 
 
-@pytest.mark.parametrize("setup,n_batches", [("plain", 5), ("ddp", 5), ("fsdp", 4), ("fsdp_ckpt", 4)])
+@pytest.mark.parametrize("setup,n_batches", [("plain", 5), ("ddp", 5), ("fsdp", 4), ("fsdp_ckpt", 4), ("fsdp_meta", 4)])
 def test_two_ranks_equal_one_process(ranks, setup, n_batches):
     _check_setup(ranks, setup, n_batches)
 
