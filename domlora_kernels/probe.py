@@ -488,7 +488,7 @@ def page_scores(
                     bad = (~torch.isfinite(losses.detach())).nonzero().flatten()
                     if bad.numel():
                         raise FloatingPointError(
-                            f"non-finite loss {float(losses[bad[0]])} for sample {num_samples + int(bad[0])}"
+                            f"non-finite loss {float(losses.detach()[bad[0]])} for sample {num_samples + int(bad[0])}"
                         )
                     if not losses.requires_grad:
                         raise RuntimeError(
