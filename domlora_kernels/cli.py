@@ -95,6 +95,7 @@ def run_probe(args: argparse.Namespace):
     scores = page_scores(
         model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
         estimator=args.estimator, seed=_seeds(args), lora_alpha=args.lora_alpha, backend=args.backend,
+        use_rslora=getattr(args, "variant", None) == "rslora",  # `apply --variant rslora`: probe at its scaling
         progress=not args.no_progress,
     )
     tasks = sorted({r.get("task", "user") for r in records})
@@ -153,7 +154,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if args.lora_alpha is None:
         # probe with the adapter's own alpha: the report's PAGE is then the adapter's first ||lora_B.grad||^2
         args.lora_alpha = 16.0
+    from .distributed import rank_and_world
+
     scores, model, _ = run_probe(args)
+    if rank_and_world()[0] != 0:  # under torchrun every rank has the same scores; rank 0 writes
+        return 0
     conf = _confidence(scores, args)
     print(conf.sentence())
     extra = {"total_step": args.total_step} if args.variant == "adalora" else {}
