@@ -1,0 +1,568 @@
+"""The PAGE probe against naive autograd and its peers: time and peak memory, side by side.
+
+    python benchmarks/bench_probe.py --workload headline      # the headline table (~3 min on 2 cores)
+    python benchmarks/bench_probe.py --workload all           # headline + every sweep + plots
+    python benchmarks/bench_probe.py --workload tokens        # one sweep: tokens|batch|rank|width
+    python benchmarks/bench_probe.py --plot-only              # plots from the saved JSON
+
+Providers (benchmarks/providers.py), all on the same model and the same token ids:
+``probe`` (page_scores as shipped, the baseline of the ratios), ``floor`` (the same forward
+and backward with every weight frozen and no probe), ``autograd`` (weights require grad,
+one backward, batch gradient), ``autograd-per-sample`` (one sample per backward: the
+paper's definition), ``torch.func`` (vmap(grad) per-sample gradients, when they fit in
+memory), ``probe-expected`` (page_scores(projection="expected")) and ``opacus`` (ghost
+norms; its ratio is also given against probe-expected, which computes the same quantity).
+
+Time: one process, providers interleaved (the order rotates each round), ``--warmup``
+untimed rounds, then ``--repeats`` timed rounds; the median is reported. Memory: a fresh
+subprocess per provider loads the model, builds the inputs, then resets the kernel's
+high-water mark (``/proc/self/clear_refs``, so the transient peak of loading the model is
+not counted), runs the provider once and reads ``ru_maxrss``: the peak resident memory
+during the run, model included, reported as is and as the delta over the resident memory
+just before the run (model loaded). On CUDA, ``torch.cuda.max_memory_allocated`` over
+``memory_allocated`` before the run, with synchronised timings (written, not run here).
+
+Before the table, the harness checks that the providers computed the same thing on this
+very batch (relative error of the per-sample energies, float32) and exits 1 if the probe
+and autograd-per-sample differ by more than 1e-4. Results go to benchmarks/results/ as
+JSON (with the machine: CPU model, cores, load average, versions, GPU) and CSV; plots
+(``--workload all`` or ``--plot-only``) as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BASELINE = "probe"
+CHECK_TOL = 1e-4
+
+SMOLLM2 = {"model": "smollm2"}
+
+
+def llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int = 32000) -> dict:
+    return {"model": "llama", "hidden": hidden, "intermediate": intermediate, "layers": layers,
+            "heads": heads, "kv_heads": kv_heads, "vocab": vocab}
+
+
+# Width sweep: random-weight Llama configs from tiny to the Llama-3.2-1B shape. B=1, T=128
+# keeps the 1B point at ~10 s a run on 2 cores; the vocabulary is cut to 32000 (Llama-3.2
+# has 128256) so the LM head does not dominate the small points. Layers vary with width
+# like real models do; the x axis is the candidate-weight count.
+WIDTHS = [
+    ("tiny-128", llama(128, 344, 4, 4, 2)),
+    ("smollm2-shape", llama(576, 1536, 30, 9, 3, 49152)),
+    ("1024x16", llama(1024, 4096, 16, 16, 4)),
+    ("llama3.2-1B-shape", llama(2048, 8192, 16, 32, 8)),
+]
+
+ALL_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample", "torch.func", "probe-expected", "opacus"]
+SWEEP_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample"]
+
+
+def workloads() -> dict[str, list[dict]]:
+    """name -> list of points; each point is a dict(spec, batch, tokens, rank, providers, memory, label)."""
+    def pt(label, spec, b, t, r, providers=SWEEP_PROVIDERS, memory=True):
+        return {"label": label, "spec": spec, "batch": b, "tokens": t, "rank": r, "providers": providers, "memory": memory}
+
+    return {
+        "headline": [pt("smollm2 B=8 T=128 r=8", SMOLLM2, 8, 128, 8, ALL_PROVIDERS)],
+        # B=2 so that T=512 stays affordable for the per-sample loop
+        "tokens": [pt(f"T={t}", SMOLLM2, 2, t, 8) for t in (32, 64, 128, 256, 512)],
+        "batch": [pt(f"B={b}", SMOLLM2, b, 128, 8, memory=False) for b in (1, 2, 4, 8, 16)],
+        # rank changes only the probe (and the naive projections): floor as the reference
+        "rank": [pt(f"r={r}", SMOLLM2, 8, 128, r, ["probe", "floor", "autograd"], memory=False) for r in (1, 8, 64, 256)],
+        "width": [pt(label, spec, 1, 128, 8) for label, spec in WIDTHS],
+    }
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        import opacus
+
+        info["opacus"] = opacus.__version__
+    except ImportError:
+        info["opacus"] = None
+    return info
+
+
+def machine_line(m: dict) -> str:
+    dev = m["gpu"] or f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), no GPU"
+    return f"{dev}; torch {m['torch']}, transformers {m['transformers']}, opacus {m['opacus']}"
+
+
+# ----------------------------------------------------------------------------- model and inputs
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and not os.environ.get("BENCH_CPU") else "cpu")
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    """The model of a spec, frozen and in eval mode (the state every provider starts from)."""
+    key = json.dumps(spec, sort_keys=True)
+    if key in _MODELS:
+        return _MODELS[key]
+    _MODELS.clear()  # one model at a time: the sweeps go up to 1B parameters
+    gc.collect()
+    if spec["model"] == "smollm2":
+        from domlora_kernels.models import load_model
+
+        model, _ = load_model()
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
+            tie_word_embeddings=True, max_position_embeddings=4096,
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    model = model.to(device()).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _MODELS[key] = model
+    return model
+
+
+def make_ids(model: torch.nn.Module, batch: int, tokens: int) -> torch.Tensor:
+    """Random token ids ``[batch, tokens]`` with a fixed seed; every row full length."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, model.config.vocab_size, (batch, tokens), generator=g).to(device())
+
+
+def candidate_params(model) -> int:
+    from domlora_kernels.modules import find_candidates
+
+    return sum(c.module.weight.numel() for c in find_candidates(model))
+
+
+def mem_available() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def skip_reason(name: str, model, ids) -> str | None:
+    """Why a provider cannot run here, or None."""
+    import providers as P
+
+    if name == "opacus":
+        try:
+            import opacus  # noqa: F401
+        except ImportError as e:
+            return f"opacus not installed ({e}); pip install opacus"
+    if name == "torch.func":
+        need = P.per_sample_grad_bytes(model, ids.shape[0])
+        if ids.is_cuda:
+            free = torch.cuda.mem_get_info()[0]
+        else:
+            free = mem_available()
+        # the per-sample weight gradients alone; activations under vmap come on top
+        if free is not None and need > 0.6 * free:
+            return f"needs {need / 2**30:.1f} GiB for {ids.shape[0]} per-sample weight gradients, only {free / 2**30:.1f} GiB free"
+    return None
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _sync():
+    if torch.cuda.is_available() and device().type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_providers(model, ids, rank: int, names: list[str], warmup: int, repeats: int, log=print):
+    """Interleaved timings: ``{name: [seconds per run]}`` and the first run's energies."""
+    import providers as P
+
+    provs = {n: P.PROVIDERS[n](model, ids, rank) for n in names}
+    times = {n: [] for n in names}
+    energies = {}
+    for rnd in range(warmup + repeats):
+        this = {}
+        k = rnd % len(names)
+        order = names[k:] + names[:k]  # rotate, so no provider always runs after the same one
+        for n in order:
+            p = provs[n]
+            p.prepare()
+            _sync()
+            t0 = time.perf_counter()
+            e = p.run()
+            _sync()
+            dt = time.perf_counter() - t0
+            p.teardown()
+            if n not in energies:
+                energies[n] = e
+            if rnd >= warmup:
+                times[n].append(dt)
+            this[n] = dt
+        log(f"  round {rnd + 1}/{warmup + repeats}{' (warmup)' if rnd < warmup else ''}: "
+            + ", ".join(f"{n} {this[n]:.2f}s" for n in names), flush=True)
+    return times, energies
+
+
+# ----------------------------------------------------------------------------- memory (child processes)
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _vm_hwm() -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def child_memory(job: dict) -> dict:
+    """Runs in a fresh process: peak memory of one provider's run over the loaded model."""
+    import providers as P
+
+    model = build_model(job["spec"])
+    ids = make_ids(model, job["batch"], job["tokens"])
+    why = skip_reason(job["provider"], model, ids)
+    if why:
+        return {"provider": job["provider"], "skipped": why}
+    p = P.PROVIDERS[job["provider"]](model, ids, job["rank"])
+    p.prepare()
+    gc.collect()
+    out = {"provider": job["provider"]}
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        p.run()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        out.update(kind="cuda max_memory_allocated", peak_bytes=peak, baseline_bytes=base)
+    else:
+        load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        base = _rss_now()
+        reset = True
+        try:  # "5" resets the peak RSS (VmHWM, which ru_maxrss reads) to the current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            reset = False
+        p.run()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # ru_maxrss is max(this mm's high-water mark, the RSS of the process image that
+        # exec'd us): hence the parent spawns these children before it loads any model.
+        # VmHWM is the mm's own mark alone; the two agree when the parent was small.
+        out.update(kind="ru_maxrss" + ("" if reset else " (lifetime: clear_refs not writable)"),
+                   peak_bytes=peak, vm_hwm_bytes=_vm_hwm(), baseline_bytes=base, load_peak_bytes=load_peak)
+    p.teardown()
+    out["delta_bytes"] = out["peak_bytes"] - out["baseline_bytes"]
+    return out
+
+
+def measure_memory(point: dict, name: str, log=print) -> dict:
+    job = {k: point[k] for k in ("spec", "batch", "tokens", "rank")}
+    job["provider"] = name
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in r.stdout.splitlines():
+        if line.startswith("CHILD_RESULT "):
+            return json.loads(line[len("CHILD_RESULT "):])
+    tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+    log(f"  memory of {name} failed (exit {r.returncode}): {' | '.join(tail)}")
+    return {"provider": name, "error": " | ".join(tail)}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def agreement(energies: dict, model, ids, rank: int) -> list[dict]:
+    """Relative errors between providers that computed the same quantity on this batch."""
+    import providers as P
+
+    checks = []
+
+    def add(a, b, what, required):
+        if a in energies and b in energies and energies[a] is not None and energies[b] is not None:
+            err = P.rel_err(energies[a], energies[b])
+            checks.append({"a": a, "b": b, "what": what, "rel_err": err, "tol": CHECK_TOL,
+                           "required": required, "ok": err < CHECK_TOL})
+
+    add("probe", "autograd-per-sample", "per-sample ||G_b A^T||^2, every module", True)
+    add("probe", "torch.func", "per-sample ||G_b A^T||^2, every module", False)
+    add("opacus", "probe-expected", "per-sample r/(3n) ||G_b||^2, every module", False)
+    if "autograd" in energies:
+        # autograd measures the batch gradient: compare with the probe's "gradient"
+        # estimator, ||(1/N) sum_b G_b A^T||^2, times N^2 (an extra, untimed probe run)
+        from domlora_kernels import page_scores
+
+        s = page_scores(model, [{"input_ids": ids}], rank=rank, estimator="gradient", progress=False)
+        n2 = ids.shape[0] ** 2
+        ref = {k: torch.tensor([v * n2], dtype=torch.float64) for k, v in s.scores.items()}
+        err = P.rel_err(energies["autograd"], ref)
+        checks.append({"a": "autograd", "b": "probe(estimator=gradient) x N^2", "what": "batch ||G A^T||^2, every module",
+                       "rel_err": err, "tol": CHECK_TOL, "required": False, "ok": err < CHECK_TOL})
+    return checks
+
+
+# ----------------------------------------------------------------------------- one point
+
+
+def memory_point(point: dict, log=print) -> dict:
+    """Peak memory of each provider of a point, one fresh process each. Must run before
+    this process loads a model (see child_memory)."""
+    mem = {}
+    if not point["memory"]:
+        return mem
+    for n in point["providers"]:
+        if n == "opacus" and skip_reason(n, None, None):
+            continue
+        log(f"[{point['label']}] memory: {n} in a fresh process (parent RSS {_rss_now() / 2**20:.0f} MiB)")
+        mem[n] = measure_memory(point, n, log)
+    return mem
+
+
+def run_point(point: dict, warmup: int, repeats: int, mem: dict, log=print) -> dict:
+    model = build_model(point["spec"])
+    ids = make_ids(model, point["batch"], point["tokens"])
+    names, skipped = [], {}
+    for n in point["providers"]:
+        why = skip_reason(n, model, ids)
+        if why:
+            skipped[n] = why
+            log(f"  {n}: skipped: {why}")
+        else:
+            names.append(n)
+    log(f"[{point['label']}] timing {', '.join(names)}: {warmup} warmup + {repeats} rounds, interleaved")
+    times, energies = time_providers(model, ids, point["rank"], names, warmup, repeats, log)
+    checks = agreement(energies, model, ids, point["rank"]) if len(names) > 1 else []
+    rows = {}
+    for n in names:
+        rows[n] = {"times_s": times[n], "median_s": statistics.median(times[n]), "memory": mem.get(n)}
+    return {
+        "label": point["label"], "spec": point["spec"], "batch": point["batch"], "tokens": point["tokens"],
+        "rank": point["rank"], "candidate_params": candidate_params(model),
+        "num_candidates": len(__import__("providers").find_candidates(model)),
+        "providers": rows, "skipped": skipped, "checks": checks, "warmup": warmup, "repeats": repeats,
+    }
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _mb(b):
+    return f"{b / 2**20:,.0f}" if b is not None else "-"
+
+
+def table(res: dict) -> str:
+    rows = res["providers"]
+    base = rows.get(BASELINE)
+    lines = [f"{res['label']}  ({res['num_candidates']} candidate modules, {res['candidate_params'] / 1e6:.1f}M weights)",
+             f"{'provider':<22}{'median s':>10}{'x probe':>9}{'peak MB':>10}{'+MB run':>10}{'mem x probe':>12}"]
+    for n, r in rows.items():
+        m = r["memory"] or {}
+        ratio = r["median_s"] / base["median_s"] if base else float("nan")
+        mb = m.get("peak_bytes")
+        bm = (base["memory"] or {}).get("peak_bytes") if base else None
+        mem_ratio = f"{mb / bm:.2f}" if mb and bm else "-"
+        mark = "  <- baseline" if n == BASELINE else ""
+        if n == "opacus" and "probe-expected" in rows:
+            mark = f"  ({r['median_s'] / rows['probe-expected']['median_s']:.2f} x probe-expected)"
+        hwm = m.get("vm_hwm_bytes")
+        if mb and hwm and abs(mb - hwm) > 0.01 * mb:
+            mark += f"  (ru_maxrss != VmHWM {_mb(hwm)} MB: parent too large when spawned)"
+        if m.get("skipped") or m.get("error"):
+            mark += f"  (memory: {m.get('skipped') or m.get('error')})"
+        lines.append(f"{n:<22}{r['median_s']:>10.3f}{ratio:>9.2f}{_mb(mb):>10}{_mb(m.get('delta_bytes')):>10}{mem_ratio:>12}{mark}")
+    for n, why in res["skipped"].items():
+        lines.append(f"{n:<22}  skipped: {why}")
+    return "\n".join(lines)
+
+
+def checks_text(res: dict) -> str:
+    out = []
+    for c in res["checks"]:
+        verdict = "ok" if c["ok"] else ("FAIL" if c["required"] else "above tol")
+        out.append(f"check {c['a']} vs {c['b']} ({c['what']}): max rel err {c['rel_err']:.2e} (tol {c['tol']:.0e}) {verdict}")
+    return "\n".join(out)
+
+
+def write(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    with open(RESULTS / f"{name}.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["point", "batch", "tokens", "rank", "candidate_params", "provider", "median_s", "ratio_to_probe",
+                    "peak_rss_bytes", "delta_bytes"])
+        for pt in payload["points"]:
+            base = pt["providers"].get(BASELINE)
+            for n, r in pt["providers"].items():
+                m = r["memory"] or {}
+                w.writerow([pt["label"], pt["batch"], pt["tokens"], pt["rank"], pt["candidate_params"], n,
+                            f"{r['median_s']:.4f}", f"{r['median_s'] / base['median_s']:.3f}" if base else "",
+                            m.get("peak_bytes", ""), m.get("delta_bytes", "")])
+    return path
+
+
+def plot() -> list[Path]:
+    """Time and memory against tokens and against model size, from the saved sweeps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for sweep, xkey, xlabel in (("tokens", "tokens", "tokens per sample T (SmolLM2-135M, B=2, r=8)"),
+                               ("width", "candidate_params", "candidate linear weights (random Llama configs, B=1, T=128)"),
+                               ("batch", "batch", "batch B (SmolLM2-135M, T=128, r=8)"),
+                               ("rank", "rank", "rank r (SmolLM2-135M, B=8, T=128)")):
+        path = RESULTS / f"{sweep}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        pts = data["points"]
+        has_mem = any((r["memory"] or {}).get("peak_bytes") for p in pts for r in p["providers"].values())
+        fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4.2), squeeze=False)
+        provs = list(dict.fromkeys(n for p in pts for n in p["providers"]))
+        for n in provs:
+            xs = [p[xkey] for p in pts if n in p["providers"]]
+            axes[0, 0].plot(xs, [p["providers"][n]["median_s"] for p in pts if n in p["providers"]], "o-", label=n)
+            if has_mem:
+                ms = [(p[xkey], (p["providers"][n]["memory"] or {}).get("delta_bytes")) for p in pts if n in p["providers"]]
+                ms = [(x, y / 2**20) for x, y in ms if y is not None]
+                axes[0, 1].plot([x for x, _ in ms], [y for _, y in ms], "o-", label=n)
+        axes[0, 0].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="median seconds per batch", title=f"time ({sweep} sweep)")
+        if has_mem:
+            axes[0, 1].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="peak RSS over loaded model, MiB",
+                           title=f"memory ({sweep} sweep)")
+        for ax in axes[0]:
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(machine_line(data["machine"]), fontsize=8)
+        fig.tight_layout()
+        out = RESULTS / f"{sweep}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        made.append(out)
+    return made
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_workload(name: str, args, mems: list[dict]) -> dict:
+    points = workloads()[name]
+    m = machine()
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    warmup = args.warmup
+    repeats = args.repeats if args.repeats is not None else 3
+    results = []
+    for pt, mem in zip(points, mems):
+        results.append(run_point(pt, warmup, repeats, mem))
+        print(table(results[-1]), flush=True)
+    payload = {"workload": name, "machine": m, "machine_line": machine_line(m), "loadavg_before": load0,
+               "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
+               "command": " ".join([Path(sys.executable).name] + sys.argv), "points": results}
+    path = write(name, payload)
+    print(f"wrote {path.relative_to(ROOT)} ({payload['wall_s']:.0f} s)")
+    return payload
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="headline",
+                    help=f"one of {', '.join(workloads())}, a comma-separated list of them, or all (default headline)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
+    ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    if args.warmup < 0 or (args.repeats is not None and args.repeats < 1):
+        ap.error("--warmup must be >= 0 and --repeats >= 1")
+    if args.child:
+        print("CHILD_RESULT " + json.dumps(child_memory(json.loads(args.child))), flush=True)
+        return 0
+    if args.plot_only:
+        for p in plot():
+            print(f"wrote {p.relative_to(ROOT)}")
+        return 0
+    t0 = time.perf_counter()
+    names = ["tokens", "batch", "rank", "width", "headline"] if args.workload == "all" else args.workload.split(",")
+    bad = [n for n in names if n not in workloads()]
+    if bad:
+        ap.error(f"unknown workload {', '.join(bad)}; choose from {', '.join(workloads())}, or all")
+    # Memory first, every point of every workload, while this process is still small: a
+    # child's ru_maxrss cannot read below the RSS of the parent that spawned it.
+    t_mem = time.perf_counter()
+    mems = {n: [memory_point(pt) if not args.no_memory else {} for pt in workloads()[n]] for n in names}
+    if not args.no_memory:
+        print(f"memory phase: {time.perf_counter() - t_mem:.0f} s")
+    payloads = {n: run_workload(n, args, mems[n]) for n in names}
+    if set(names) & {"tokens", "batch", "rank", "width"}:
+        for p in plot():
+            print(f"wrote {p.relative_to(ROOT)}")
+    # the summary last: the headline (or the one workload run) with its checks
+    last = payloads[names[-1]]
+    print()
+    print(f"machine: {last['machine_line']}")
+    print(f"load average before/after: {' '.join(f'{x:.2f}' for x in last['loadavg_before'])} / "
+          f"{' '.join(f'{x:.2f}' for x in last['loadavg_after'])}; total {time.perf_counter() - t0:.0f} s")
+    failed = False
+    for pt in last["points"]:
+        if pt["checks"]:
+            print(checks_text(pt))
+        failed |= any(c["required"] and not c["ok"] for c in pt["checks"])
+        print(table(pt))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
