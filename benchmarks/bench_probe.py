@@ -112,6 +112,8 @@ def machine() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    # glibc's malloc tunables change peak RSS by ~10% here (see the README's benchmark notes)
+    info["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     try:
         import opacus
 

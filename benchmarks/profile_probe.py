@@ -108,9 +108,10 @@ def main(argv=None) -> int:
     n_mod = len(provs["probe"].cands)
     print(f"probe's P kept outside autograd: {n_mod} modules x [{args.batch}, {args.tokens}, {args.rank}] float32 = "
           f"{n_mod * args.batch * args.tokens * args.rank * 4 / 2**20:.1f} MiB")
-    for rnd in range(2):
-        print(f"peak RSS over the run (VmHWM), round {rnd + 1}: "
-              + ", ".join(f"{n} +{peak_rss(p) / 2**20:.0f} MiB" for n, p in provs.items()))
+    # warm, in this process: memory freed by earlier runs is still resident, so this is the
+    # growth of RSS over the run, comparable between the two, not their full footprint
+    print("peak RSS growth over a warm run (VmHWM): "
+          + ", ".join(f"{n} +{peak_rss(p) / 2**20:.0f} MiB" for n, p in provs.items()), flush=True)
 
     prof = {n: profile(p, args.top) for n, p in provs.items()}
     keys = sorted(set(prof["floor"]) | set(prof["probe"]), key=lambda k: -max(prof["floor"].get(k, (0, 0))[0], prof["probe"].get(k, (0, 0))[0]))
