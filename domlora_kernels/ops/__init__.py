@@ -11,8 +11,15 @@ Backends:
   enough to fill the GPU (:func:`_auto_uses_triton`), else torch. Never the interpreter.
 
 Triton is imported on first use only, so ``import domlora_kernels`` stays fast and works
-without it. ``@triton.jit`` reads ``TRITON_INTERPRET`` when the kernel modules are imported,
-i.e. at the first triton-backend call of the process: set it before that call.
+without it. ``@triton.jit`` reads ``TRITON_INTERPRET`` each time it decorates a function:
+for this package's kernels when the kernel modules are imported (the first triton-backend
+call of the process), but for ``triton.language``'s own jitted helpers (``tl.zeros``,
+``tl.sum``, ...) at the process's first ``import triton``, which other libraries may do
+first: ``torch._dynamo`` imports triton when it is installed, and peft, transformers and
+accelerate import ``torch._dynamo``. To run the kernels through the interpreter, set
+``TRITON_INTERPRET=1`` before anything imports triton (in the shell, or at the top of a
+test ``conftest.py``); a process where the two disagree gets a clear error
+(:func:`_check_triton`), not a crash inside the kernel.
 """
 
 from __future__ import annotations
@@ -88,6 +95,20 @@ def _triton_importable() -> bool:
     return True
 
 
+def _language_interpreted() -> bool:
+    """Whether ``triton.language``'s own ``@triton.jit`` helpers were built for the
+    interpreter, i.e. ``TRITON_INTERPRET=1`` was set at the process's first ``import triton``.
+
+    Fixed for the life of the process. An interpreted kernel that calls a compiled helper
+    (``tl.zeros``) fails inside the launch with "Cannot call @triton.jit'd outside of the
+    scope of a kernel"; a compiled kernel that calls an interpreted one fails to compile.
+    """
+    import triton
+    import triton.language as tl
+
+    return not isinstance(tl.zeros, triton.runtime.JITFunction)
+
+
 def _kernels():
     """The kernel modules, imported on first use (this applies ``@triton.jit``)."""
     from . import gradient_energy_triton as ge
@@ -113,19 +134,37 @@ def _check_triton(a: torch.Tensor, b: torch.Tensor) -> None:
         )
     if not _triton_importable():
         raise ModuleNotFoundError("backend='triton' needs the triton package: pip install triton")
-    if a.device.type != "cuda":
-        pe, ge = _kernels()
-        if not (pe.INTERPRETED and ge.INTERPRETED):
+    pe, ge = _kernels()
+    if a.device.type != "cuda" and not (pe.INTERPRETED and ge.INTERPRETED):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU in "
+            "this process (@triton.jit reads it at import); set it in the environment before "
+            "the first backend='triton' call"
+        )
+    kernels_interpreted = pe.INTERPRETED and ge.INTERPRETED
+    if _language_interpreted() != kernels_interpreted:
+        if kernels_interpreted:
             raise RuntimeError(
-                "TRITON_INTERPRET=1 was set after the Triton kernels were compiled for the GPU in "
-                "this process (@triton.jit reads it at import); set it in the environment before "
-                "the first backend='triton' call"
+                "TRITON_INTERPRET=1 was set after triton was first imported in this process, so "
+                "triton.language's own @triton.jit helpers (tl.zeros, tl.sum, ...) were built for "
+                "the GPU and the interpreted kernels cannot call them. Something imported triton "
+                "before TRITON_INTERPRET=1 was set: torch._dynamo does when triton is installed, "
+                "and peft, transformers and accelerate import torch._dynamo. Set TRITON_INTERPRET=1 "
+                "in the environment before anything imports triton (in the shell, or at the top of "
+                "a test conftest.py)"
             )
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was in the environment when triton was first imported in this "
+            "process but not when the Triton kernels were, so the compiled kernels would call "
+            "triton.language helpers built for the interpreter; keep TRITON_INTERPRET the same "
+            "for the whole process"
+        )
 
 
 def _auto_uses_triton(op: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> bool:
     """The "auto" rule: Triton for CUDA tensors of a kernel dtype whose launch fills the
-    GPU; never the interpreter (if ``TRITON_INTERPRET=1`` compiled the kernels, torch).
+    GPU; never the interpreter (if ``TRITON_INTERPRET=1`` built the kernels or
+    ``triton.language``, torch).
 
     ``op`` is ``"projected"`` or ``"gradient"``. Exposed for benchmarks/gpu_check.py, which
     reports where it disagrees with measurements.
@@ -135,7 +174,7 @@ def _auto_uses_triton(op: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> 
     if not _triton_importable():
         return False
     pe, ge = _kernels()
-    if pe.INTERPRETED or ge.INTERPRETED:
+    if pe.INTERPRETED or ge.INTERPRETED or _language_interpreted():
         return False
     n_seg = a.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
     if op == "projected":

@@ -15,7 +15,9 @@ Neither form stores its ``[M, N]`` or ``[T, T]`` tiles: each program writes one 
 partial, and the partials are summed in a fixed order (no atomics, reproducible).
 
 Importing this module applies ``@triton.jit``; with ``TRITON_INTERPRET=1`` in the
-environment at that moment the kernels run through Triton's CPU interpreter.
+environment at that moment the kernels run through Triton's CPU interpreter, provided it was
+also set at the process's first ``import triton`` (which binds ``tl.zeros``, ``tl.sum``,
+...; see ``domlora_kernels.ops``).
 """
 
 from __future__ import annotations

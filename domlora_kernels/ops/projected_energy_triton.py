@@ -14,7 +14,9 @@ without storing the ``[BM, R]`` blocks; the parallelism is ``S * num_M_tiles``, 
 ``ops._auto_uses_triton`` sends launches with too few programs to the torch path.
 
 Importing this module applies ``@triton.jit``; with ``TRITON_INTERPRET=1`` in the
-environment at that moment the kernel runs through Triton's CPU interpreter.
+environment at that moment the kernel runs through Triton's CPU interpreter, provided it was
+also set at the process's first ``import triton`` (which binds ``tl.zeros``, ``tl.sum``,
+...; see ``domlora_kernels.ops``).
 """
 
 from __future__ import annotations
