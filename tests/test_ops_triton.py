@@ -397,6 +397,29 @@ def test_import_is_lazy_and_stale_kernels_are_reported(tmp_path):
     assert res.returncode == 0 and res.stdout.strip() == "OK", res.stdout + res.stderr
 
 
+
+def test_triton_imported_before_interpret_flag_is_reported(tmp_path):
+    # peft/transformers may import triton (through torch._dynamo) before a user sets
+    # TRITON_INTERPRET=1; triton.language's own helpers are then GPU-only, and the probe must
+    # say so instead of crashing inside the interpreter.
+    script = tmp_path / "late_flag.py"
+    script.write_text(
+        "import os, torch\n"
+        "import triton.language\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "import domlora_kernels.ops as ops\n"
+        "try:\n"
+        "    ops.projected_energy(torch.randn(1, 2, 3), torch.randn(1, 2, 2), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'first imported' in str(e), e\n"
+        "    print('OK')\n"
+    )
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "OK", res.stdout + res.stderr
+
 # --------------------------------------------------------------------------- GPU only
 
 
