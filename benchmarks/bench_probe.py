@@ -511,7 +511,7 @@ def run_workload(name: str, args, mems: list[dict]) -> dict:
     payload = {"workload": name, "machine": m, "machine_line": machine_line(m), "loadavg_before": load0,
                "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
                "command": " ".join([Path(sys.executable).name] + sys.argv), "points": results}
-    path = write(name, payload)
+    path = write(name + args.suffix, payload)
     print(f"wrote {path.relative_to(ROOT)} ({payload['wall_s']:.0f} s)")
     return payload
 
@@ -524,6 +524,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--suffix", default="", help="appended to the results file names (headline<suffix>.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
