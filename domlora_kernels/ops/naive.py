@@ -45,9 +45,11 @@ def projected_energy_ref(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Ten
     """
     acc = _acc_dtype(u, v)
     if cu_seqlens is None:
-        # one bmm for the whole batch: [B, M, T] @ [B, T, R] -> [B, M, R]; M x R per
-        # sample is small (rank-sized), so materialising it here costs little.
-        g = torch.bmm(u.transpose(1, 2).to(acc), v.to(acc))
+        # one bmm for the whole batch, as (u^T v)^T = v^T u: [B, R, T] @ [B, T, M] -> [B, R, M]
+        # (same Frobenius norm). With the large u (D) as the plain right operand this is 3.7x
+        # faster on CPU than bmm(u^T, v) at M=1536, T=128 (0.27 ms vs 0.99 ms), and took the
+        # probe from 1.074x to 1.044x the frozen forward+backward (benchmarks/, SmolLM2 B=8).
+        g = torch.bmm(v.transpose(1, 2).to(acc), u.to(acc))
         return g.square().sum(dim=(1, 2))
     out = torch.zeros(cu_seqlens.numel() - 1, dtype=acc, device=u.device)
     for i, (a, b) in enumerate(_segments(u.shape[0], cu_seqlens)):
