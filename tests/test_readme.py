@@ -1,8 +1,12 @@
-"""The README's Python examples run as written (on the real embedded model)."""
+"""The README's Python examples run as written (on the real embedded model).
+
+Blocks fenced as ```python run in order in one namespace, as a reader would type them into
+one session. Blocks that need torchrun or GPUs are fenced as ```py and are exercised by
+tests/test_distributed.py instead.
+"""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -14,16 +18,16 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 pytestmark = pytest.mark.slow
 
 
-def test_readme_has_python_examples():
-    assert BLOCKS, "README.md lost its Python example"
-
-
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index, tmp_path, monkeypatch):
+def test_readme_python_examples_run_in_order(tmp_path, monkeypatch, capsys):
+    assert len(BLOCKS) >= 2, "README.md lost its Python examples"
     monkeypatch.chdir(tmp_path)  # examples write under domlora_out/
     namespace: dict = {}
-    exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
-    if index == 0:
-        scores = namespace["scores"]
-        assert scores.dominant_module in scores.scores
-        assert Path("domlora_out/example.json").is_file()
+    for i, block in enumerate(BLOCKS):
+        exec(compile(block, f"README.md[python block {i}]", "exec"), namespace)
+    scores = namespace["scores"]
+    assert scores.dominant_module in scores.scores
+    assert Path("domlora_out/example.json").is_file()
+    out = capsys.readouterr().out
+    assert "dominant: " in out and "% of vanilla LoRA" in out
+    placement = namespace["peft_model"].domlora_placement
+    assert placement.trainable_params > 0 and placement.targets == [scores.dominant_module]
