@@ -20,6 +20,8 @@ The shared model is kept frozen and in eval mode between providers, which is the
 
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Callable
 
@@ -41,7 +43,7 @@ def _losses(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return causal_lm_losses(out.logits, ids)
 
 
-class Provider:
+class Provider(abc.ABC):
     """Base class: holds the model, the batch ``ids [B, T]`` and the rank."""
 
     name = "?"
@@ -59,8 +61,9 @@ class Provider:
     def prepare(self) -> None:
         pass
 
+    @abc.abstractmethod
     def run(self) -> Energies | None:
-        raise NotImplementedError
+        """The timed work: one probe / forward+backward on the batch; returns its energies."""
 
     def teardown(self) -> None:
         pass

@@ -45,6 +45,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from domlora_kernels.data import collate  # right-padded batch of {input_ids, labels} lists
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study_tasks  # noqa: E402
 
@@ -82,16 +84,6 @@ def encode_prompt(item: dict, tok) -> list[int]:
     text = "".join("".join(_chatml(m["role"], m["content"])) for m in item["messages"][:-1])
     return tok(text + "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
 
-
-def collate(encoded: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    t = max(len(e["input_ids"]) for e in encoded)
-    ids = torch.full((len(encoded), t), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), t), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(encoded), t), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        n = len(e["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 # ------------------------------------------------------------------------------ model
