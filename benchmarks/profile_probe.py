@@ -1,6 +1,7 @@
 """Where the probe's time and memory go, next to the floor (same forward and backward, no probe).
 
     python benchmarks/profile_probe.py [--batch 8 --tokens 128 --rank 8] [--top 15]
+    python benchmarks/profile_probe.py --pair probe-expected,opacus    # any two providers
 
 On the embedded SmolLM2-135M with the headline's inputs, one warm run of each provider:
 
@@ -91,10 +92,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--pair", default="floor,probe", help="the two providers to set side by side (default floor,probe)")
     args = ap.parse_args(argv)
+    pair = args.pair.split(",")
+    if len(pair) != 2 or not set(pair) <= set(PROVIDERS):
+        ap.error(f"--pair takes two of {', '.join(PROVIDERS)}, comma-separated; got {args.pair!r}")
+    a, b = pair
     model = build_model({"model": "smollm2"})
     ids = make_ids(model, args.batch, args.tokens)
-    provs = {n: PROVIDERS[n](model, ids, args.rank) for n in ("floor", "probe")}
+    provs = {n: PROVIDERS[n](model, ids, args.rank) for n in pair}
     for p in provs.values():  # warm: first-call allocations and lazy inits
         p.prepare()
         p.run()
@@ -105,7 +111,7 @@ def main(argv=None) -> int:
         total, count, kinds = saved_bytes(p)
         print(f"saved for backward, {n:<6}: {total / 2**20:8.1f} MiB in {count} saved tensors; "
               + ", ".join(f"{k} {v / 2**20:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:4]))
-    n_mod = len(provs["probe"].cands)
+    n_mod = len(provs[b].cands)
     print(f"probe's P kept outside autograd: {n_mod} modules x [{args.batch}, {args.tokens}, {args.rank}] float32 = "
           f"{n_mod * args.batch * args.tokens * args.rank * 4 / 2**20:.1f} MiB")
     # warm, in this process: memory freed by earlier runs is still resident, so this is the
@@ -114,13 +120,13 @@ def main(argv=None) -> int:
           + ", ".join(f"{n} +{peak_rss(p) / 2**20:.0f} MiB" for n, p in provs.items()), flush=True)
 
     prof = {n: profile(p, args.top) for n, p in provs.items()}
-    keys = sorted(set(prof["floor"]) | set(prof["probe"]), key=lambda k: -max(prof["floor"].get(k, (0, 0))[0], prof["probe"].get(k, (0, 0))[0]))
-    print(f"\n{'operator (self CPU ms, calls)':<44}{'floor':>18}{'probe':>18}{'probe - floor':>15}")
+    keys = sorted(set(prof[a]) | set(prof[b]), key=lambda k: -max(prof[a].get(k, (0, 0))[0], prof[b].get(k, (0, 0))[0]))
+    print(f"\n{'operator (self CPU ms, calls)':<44}{a[:16]:>18}{b[:16]:>18}{'difference':>15}")
     for k in keys[: args.top]:
-        f, p = prof["floor"].get(k, (0.0, 0)), prof["probe"].get(k, (0.0, 0))
+        f, p = prof[a].get(k, (0.0, 0)), prof[b].get(k, (0.0, 0))
         print(f"{k[:43]:<44}{f[0]:>11.1f} ({f[1]:>4}){p[0]:>11.1f} ({p[1]:>4}){p[0] - f[0]:>15.1f}")
-    tf = sum(v[0] for v in prof["floor"].values())
-    tp = sum(v[0] for v in prof["probe"].values())
+    tf = sum(v[0] for v in prof[a].values())
+    tp = sum(v[0] for v in prof[b].values())
     print(f"{'total self CPU':<44}{tf:>18.1f}{tp:>18.1f}{tp - tf:>15.1f}")
     return 0
 
