@@ -84,12 +84,10 @@ class _Site:
         self.cand, self.probe = cand, probe
         self.calls = 0  # forward calls in the current batch
         self.deferred = 0  # no-grad forward calls a reentrant checkpoint will rerun in backward
-        self.reduced = 0  # backward reductions in the current batch
         self.batch_energy: torch.Tensor | None = None  # [k, B] of the current batch
         self.sample_energies: list[torch.Tensor] = []  # fisher: [k, B] per batch
         self.grad_sum: dict[str, torch.Tensor] = {}  # gradient: "A" -> [k, m, r], "B" -> [k, r, n]
         self._mats: dict[tuple, torch.Tensor] = {}
-        self.ran = False
         self.reached = False
 
     # Probe matrices, drawn on the CPU once (deterministic) and cached per device and dtype.
@@ -132,7 +130,6 @@ class _Site:
                 f"is applied more than once per sample is not defined by per-call energies. Exclude it with "
                 f"exclude_modules=[{self.cand.name!r}]"
             )
-        self.ran = True
         x = args[0].detach()
         if x.dim() < 2 or x.shape[-1] != self.cand.in_features:
             raise ValueError(f"{self.cand.name}: input of shape {tuple(x.shape)} is not [B, ..., {self.cand.in_features}]")
@@ -150,7 +147,6 @@ class _Site:
     def reduce(self, kept, d: torch.Tensor, batch: int) -> None:
         p = self.probe
         self.reached = True
-        self.reduced += 1
         m, r, k = self.cand.out_features, p.rank, len(p.seeds)
         d3 = d.reshape(batch, -1, m)
         if p.projection == "A":
@@ -183,7 +179,7 @@ class _Site:
             g = (d2.T @ proj.reshape(-1, proj.shape[-1]).to(acc)).view(m, k, r).permute(1, 0, 2)
             self._add("A", g)
         if p.projection in ("B", "AB"):
-            bmat = self.mat("B", d.device, d.dtype).to(acc)
+            bmat = self.mat("B", d.device, acc)  # cached per dtype: no conversion per backward call
             x2 = x3.reshape(-1, x3.shape[-1]).to(acc)
             g = torch.stack([(d2 @ bmat[j]).T @ x2 for j in range(k)])  # [k, r, n]
             self._add("B", g)
@@ -211,7 +207,7 @@ class _Site:
                 f"non-finite summed gradient for module {self.cand.name} in the batch starting at sample "
                 f"{first_sample}: the model's gradients overflow (try float32, or find the sample with estimator='fisher')"
             )
-        self.calls = self.reduced = self.deferred = 0
+        self.calls = self.deferred = 0
         self.batch_energy = None
 
     def results(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
