@@ -137,7 +137,7 @@ def run_tests() -> dict:
 def time_case(kind: str, a, b, cu, args, flush, peak) -> dict:
     from domlora_kernels import ops
 
-    fn = ops.projected_energy if kind == "projected" else ops.gradient_energy
+    fn = ops.projected_energy if kind == "projected" else ops.weight_grad_energy
     providers = {
         "triton": lambda: fn(a, b, cu, backend="triton"),
         "torch": lambda: fn(a, b, cu, backend="torch"),
@@ -189,9 +189,9 @@ def print_row(label: str, row: dict) -> None:
 def accuracy(kind: str, sizes, device) -> dict:
     """Worst relative error against the float64 reference, per input dtype."""
     from domlora_kernels import ops
-    from domlora_kernels.ops.naive import gradient_energy_ref, projected_energy_ref
+    from domlora_kernels.ops.naive import weight_grad_energy_ref, projected_energy_ref
 
-    fn, ref_fn = (ops.projected_energy, projected_energy_ref) if kind == "projected" else (ops.gradient_energy, gradient_energy_ref)
+    fn, ref_fn = (ops.projected_energy, projected_energy_ref) if kind == "projected" else (ops.weight_grad_energy, weight_grad_energy_ref)
     worst = {}
     for dt_name in ACCURACY_DTYPES:
         dt = getattr(torch, dt_name)
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         rows_by_kind["projected"].append(row)
         del u, v
 
-    print("\n== gradient_energy, bfloat16 (d [B,T,M], x [B,T,N])", flush=True)
+    print("\n== weight_grad_energy, bfloat16 (d [B,T,M], x [B,T,N])", flush=True)
     for bsz, t, m, n in GRADIENT_QUICK if args.quick else GRADIENT_SIZES:
         d = torch.randn(bsz, t, m, device=device, dtype=dt)
         x = torch.randn(bsz, t, n, device=device, dtype=dt)
@@ -291,12 +291,12 @@ def main(argv=None) -> int:
         rows_by_kind["gradient"].append(row)
         del d, x
     result["projected_energy"] = rows_by_kind["projected"]
-    result["gradient_energy"] = rows_by_kind["gradient"]
+    result["weight_grad_energy"] = rows_by_kind["gradient"]
 
     print("\n== worst relative error vs the float64 reference, per input dtype", flush=True)
     result["accuracy"] = {
         "projected_energy": accuracy("projected", [(2, 2048, 4096, 16), (1, 8192, 576, 64), (3, 333, 1000, 3)], device),
-        "gradient_energy": accuracy("gradient", [(2, 256, 2048, 2048), (1, 2048, 576, 1536), (2, 63, 1000, 700)], device),
+        "weight_grad_energy": accuracy("gradient", [(2, 256, 2048, 2048), (1, 2048, 576, 1536), (2, 63, 1000, 700)], device),
     }
     for k, v in result["accuracy"].items():
         print(f"{k}: " + ", ".join(f"{dt_name} {e:.1e}" for dt_name, e in v.items()), flush=True)

@@ -32,7 +32,7 @@ from torch import nn
 from domlora_kernels import page_scores
 from domlora_kernels.losses import causal_lm_losses
 from domlora_kernels.lora_init import draw_lora_A
-from domlora_kernels.modules import find_candidates
+from domlora_kernels.candidates import find_candidates
 
 Energies = dict[str, torch.Tensor]
 

@@ -12,7 +12,7 @@ the fastest marked; compare rows within a group only.
 - ``projected-*``: ``ops.projected_energy(D, P)`` (the probe's trick: ``||D_b^T P_b||^2``
   with ``P = X A^T``) against ``naive-gradient`` (form each ``G_b = D_b^T X_b`` with a bmm,
   then ``||G_b A^T||^2``: what autograd-per-sample does) and ``loop`` (one sample at a time).
-- ``gradient-*``: ``ops.gradient_energy(D, X)`` (Gram "ghost norm" or direct form, chosen by
+- ``gradient-*``: ``ops.weight_grad_energy(D, X)`` (Gram "ghost norm" or direct form, chosen by
   cost) against ``naive-bmm`` (always the direct ``[B, m, n]`` gradient) and ``loop``.
 """
 
@@ -85,11 +85,11 @@ def _grad_loop(d, x):
 
 @pytest.mark.parametrize("b,t,m,n,r", SHAPES)
 @pytest.mark.parametrize("impl", ["ops-torch", "naive-bmm", "loop"])
-def test_gradient_energy(benchmark, impl, b, t, m, n, r):
+def test_weight_grad_energy(benchmark, impl, b, t, m, n, r):
     d, x, _ = _inputs(b, t, m, n, r)
     ref = torch.bmm(d.double().transpose(1, 2), x.double()).square().sum(dim=(1, 2))
     fn = {
-        "ops-torch": lambda: ops.gradient_energy(d, x, backend="torch"),
+        "ops-torch": lambda: ops.weight_grad_energy(d, x, backend="torch"),
         "naive-bmm": lambda: _grad_naive_bmm(d, x),
         "loop": lambda: _grad_loop(d, x),
     }[impl]

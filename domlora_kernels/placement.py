@@ -3,7 +3,7 @@
 :func:`domlora_config` turns a :class:`~domlora_kernels.scores.PageScores` into a peft config
 that targets the ``top_k`` modules of highest PAGE and nothing else; :func:`apply_domlora`
 wraps a model with it and copies the probe's ``A`` into each ``lora_A``, so that the first
-gradient of every ``lora_B`` is exactly the one the probe measured (shared/design/PAGE.md,
+gradient of every ``lora_B`` is exactly the one the probe measured (docs/design.md,
 oracle 2).
 
 Exact names. peft matches a *list* of target names as "equal, or a dotted suffix": the name
@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from .lora_init import draw_lora_A, lora_scaling
-from .modules import _linear_shape
+from .candidates import _linear_shape
 from .scores import PageScores
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")

@@ -1,6 +1,6 @@
 """The PAGE probe: per-sample projected adapter gradient energy inside one backward pass.
 
-How it works (shared/design/PAGE.md). Every weight is frozen, so no weight gradient is ever
+How it works (docs/design.md). Every weight is frozen, so no weight gradient is ever
 formed. A forward hook on each candidate module keeps what the energy needs from its input
 (``P = X A^T``, ``[B, T, r]``, for projection "A"; ``X`` itself for "B" and "expected") and
 passes the module's output through ``_Tap``, an identity autograd function whose backward
@@ -31,7 +31,7 @@ from torch import nn
 from . import ops
 from .losses import causal_lm_losses, default_labels
 from .lora_init import draw_lora_A, draw_lora_B, lora_scaling
-from .modules import Candidate, find_candidates
+from .candidates import Candidate, find_candidates
 from .scores import ModuleInfo, PageScores
 from .state import frozen_eval
 
@@ -167,7 +167,7 @@ class _Site:
                     e[j] += ops.projected_energy(x3, d3 @ bmat[j], backend=p.backend)
             if p.projection == "expected":
                 # E_A ||G A^T||^2 = r / (3n) ||G||^2 for A ~ U(-1/sqrt(n), 1/sqrt(n))
-                g2 = ops.gradient_energy(d3, x3, backend=p.backend)
+                g2 = ops.weight_grad_energy(d3, x3, backend=p.backend)
                 e += g2.to(torch.float64) * (r / (3.0 * self.cand.in_features))
             self.batch_energy = e * s2
             return

@@ -111,7 +111,7 @@ def trainable_parameters(model) -> int:
 
 
 def candidate_names(model) -> list[str]:
-    from domlora_kernels.modules import find_candidates
+    from domlora_kernels.candidates import find_candidates
 
     return [c.name for c in find_candidates(model)]
 

@@ -2,7 +2,7 @@
 
 The reference is the oracle of the kernels, so it gets its own oracle: one sample at a
 time, the full matrix ``u_s^T v_s`` (``d_s^T x_s``) in float64, squared and summed. Both
-branches of ``gradient_energy_ref`` (direct and Gram) are exercised, and each param says
+branches of ``weight_grad_energy_ref`` (direct and Gram) are exercised, and each param says
 which one its sizes select.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from domlora_kernels.ops import gradient_energy, projected_energy
-from domlora_kernels.ops.naive import gradient_energy_ref, projected_energy_ref
+from domlora_kernels.ops import weight_grad_energy, projected_energy
+from domlora_kernels.ops.naive import weight_grad_energy_ref, projected_energy_ref
 
 # float32 reference against a float64 loop: only summation order differs. Measured worst
 # over 5 seeds of these sizes: float32 1.3e-7, bfloat16 2.6e-7, float16 1.8e-7 (the loop
@@ -89,18 +89,18 @@ def test_projected_energy_ref_packed(dtype):
         pytest.param(2, 1, 1000, 3, "gram", id="B2-T1-M1000-N3-gram"),
     ],
 )
-def test_gradient_energy_ref_padded(B, T, M, N, form, dtype):
+def test_weight_grad_energy_ref_padded(B, T, M, N, form, dtype):
     assert uses_gram(T, M, N) == (form == "gram")  # the id says which branch runs
     g = torch.Generator().manual_seed(T * 7 + M)
     d = torch.randn(B, T, M, generator=g).to(dtype)
     x = torch.randn(B, T, N, generator=g).to(dtype)
-    out = gradient_energy_ref(d, x)
+    out = weight_grad_energy_ref(d, x)
     assert out.shape == (B,)
     assert rel_err(out, loop_energy(d, x)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gradient_energy_ref_packed_mixes_forms(dtype):
+def test_weight_grad_energy_ref_packed_mixes_forms(dtype):
     # M = N = 64: Gram below T = 32, direct from 32 on; lengths on both sides, 0 and 1.
     lens = [0, 1, 5, 40, 31, 33]
     assert {uses_gram(t, 64, 64) for t in lens if t} == {True, False}
@@ -109,7 +109,7 @@ def test_gradient_energy_ref_packed_mixes_forms(dtype):
     g = torch.Generator().manual_seed(11)
     d = torch.randn(n, 64, generator=g).to(dtype)
     x = torch.randn(n, 64, generator=g).to(dtype)
-    out = gradient_energy_ref(d, x, cu)
+    out = weight_grad_energy_ref(d, x, cu)
     assert rel_err(out, loop_energy(d, x, list(zip(cu.tolist(), cu.tolist()[1:])))) < TOL[dtype]
 
 
@@ -118,7 +118,7 @@ def test_public_functions_default_to_reference_on_cpu():
     g = torch.Generator().manual_seed(3)
     u, v = torch.randn(2, 9, 13, generator=g), torch.randn(2, 9, 4, generator=g)
     assert torch.equal(projected_energy(u, v), projected_energy_ref(u, v))
-    assert torch.equal(gradient_energy(u, v), gradient_energy_ref(u, v))
+    assert torch.equal(weight_grad_energy(u, v), weight_grad_energy_ref(u, v))
     assert torch.equal(projected_energy(u, v, backend="torch"), projected_energy_ref(u, v))
 
 
@@ -127,4 +127,4 @@ def test_reference_rejects_bad_cu_seqlens():
     with pytest.raises(ValueError, match="cu_seqlens"):
         projected_energy_ref(u, v, torch.tensor([0, 6, 4, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens"):
-        gradient_energy_ref(u, v, torch.tensor([0, 4, 9], dtype=torch.int32))
+        weight_grad_energy_ref(u, v, torch.tensor([0, 4, 9], dtype=torch.int32))

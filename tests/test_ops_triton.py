@@ -27,8 +27,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from domlora_kernels.ops import gradient_energy, projected_energy  # noqa: E402
-from domlora_kernels.ops.naive import gradient_energy_ref, projected_energy_ref  # noqa: E402
+from domlora_kernels.ops import weight_grad_energy, projected_energy  # noqa: E402
+from domlora_kernels.ops.naive import weight_grad_energy_ref, projected_energy_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -82,8 +82,8 @@ def check_projected(u, v, cu=None):
 
 
 def check_gradient(d, x, cu=None):
-    out = gradient_energy(d, x, cu, backend="triton")
-    ref = gradient_energy_ref(d.double(), x.double(), cu)
+    out = weight_grad_energy(d, x, cu, backend="triton")
+    ref = weight_grad_energy_ref(d.double(), x.double(), cu)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     assert not out.isnan().any(), "an element was left unwritten (NaN poison survived)"
     err = rel_err(out, ref)
@@ -164,19 +164,19 @@ class LaunchSpy:
 
 def test_strided_inputs_reach_the_kernels_uncopied(monkeypatch):
     # The kernels get the caller's storage and strides, not a .contiguous() copy.
-    from domlora_kernels.ops import gradient_energy_triton as ge
+    from domlora_kernels.ops import weight_grad_energy_triton as ge
     from domlora_kernels.ops import projected_energy_triton as pe
 
     u = randn(2, 200, 10, dtype=torch.bfloat16, seed=1).transpose(1, 2)  # [2, 10, 200]
     v = randn(2, 10, 8, dtype=torch.bfloat16, seed=2)[..., 2:5]
     spies = {
         "pe": LaunchSpy(pe.projected_energy_kernel),
-        "direct": LaunchSpy(ge.gradient_energy_direct_kernel),
-        "gram": LaunchSpy(ge.gradient_energy_gram_kernel),
+        "direct": LaunchSpy(ge.weight_grad_energy_direct_kernel),
+        "gram": LaunchSpy(ge.weight_grad_energy_gram_kernel),
     }
     monkeypatch.setattr(pe, "projected_energy_kernel", spies["pe"])
-    monkeypatch.setattr(ge, "gradient_energy_direct_kernel", spies["direct"])
-    monkeypatch.setattr(ge, "gradient_energy_gram_kernel", spies["gram"])
+    monkeypatch.setattr(ge, "weight_grad_energy_direct_kernel", spies["direct"])
+    monkeypatch.setattr(ge, "weight_grad_energy_gram_kernel", spies["gram"])
     check_projected(u, v)
     assert not uses_gram(10, 200, 3) and uses_gram(10, 200, 200)
     check_gradient(u, v)  # direct
@@ -227,7 +227,7 @@ def test_projected_energy_empty(u_shape, v_shape, lens):
         pytest.param(1, 5, 3, 1000, "direct", id="B1-T5-M3-N1000-direct"),
     ],
 )
-def test_gradient_energy_padded(B, T, M, N, form, dtype):
+def test_weight_grad_energy_padded(B, T, M, N, form, dtype):
     assert uses_gram(T, M, N) == (form == "gram")  # the id says which kernel runs
     check_gradient(randn(B, T, M, dtype=dtype, seed=M), randn(B, T, N, dtype=dtype, seed=N + 1))
 
@@ -242,14 +242,14 @@ def test_gradient_energy_padded(B, T, M, N, form, dtype):
         pytest.param([70, 0, 1, 119, 121, 3], 300, 200, id="L70-0-1-119-121-3-M300-N200"),
     ],
 )
-def test_gradient_energy_packed_mixes_forms(lens, M, N, dtype):
+def test_weight_grad_energy_packed_mixes_forms(lens, M, N, dtype):
     assert {uses_gram(t, M, N) for t in lens if t} == {True, False}
     n = sum(lens)
     check_gradient(randn(n, M, dtype=dtype, seed=21), randn(n, N, dtype=dtype, seed=22), cu_of(lens))
 
 
 @pytest.mark.parametrize("form", ["direct", "gram"])
-def test_gradient_energy_strided_views(form):
+def test_weight_grad_energy_strided_views(form):
     B, T = 2, 40
     M, N = (50, 30) if form == "direct" else (300, 200)
     assert uses_gram(T, M, N) == (form == "gram")
@@ -268,13 +268,13 @@ def test_gradient_energy_strided_views(form):
         pytest.param((0, 8), (0, 3), [0, 0], id="all-empty-segments"),
     ],
 )
-def test_gradient_energy_empty(d_shape, x_shape, lens):
+def test_weight_grad_energy_empty(d_shape, x_shape, lens):
     d = randn(*d_shape, dtype=torch.float32, seed=0)
     x = randn(*x_shape, dtype=torch.float32, seed=0)
     cu = None if lens is None else cu_of(lens)
-    out = gradient_energy(d, x, cu, backend="triton")
+    out = weight_grad_energy(d, x, cu, backend="triton")
     assert out.dtype == torch.float32
-    assert torch.equal(out.cpu(), gradient_energy_ref(d, x, cu).cpu())
+    assert torch.equal(out.cpu(), weight_grad_energy_ref(d, x, cu).cpu())
 
 
 # --------------------------------------------------------------------------- harness
@@ -282,7 +282,7 @@ def test_gradient_energy_empty(d_shape, x_shape, lens):
 
 def test_poison_hook_fills_scratch_with_nan():
     # The guarantee every test above leans on: with the flag, scratch starts as NaN.
-    from domlora_kernels.ops import gradient_energy_triton as ge
+    from domlora_kernels.ops import weight_grad_energy_triton as ge
     from domlora_kernels.ops import projected_energy_triton as pe
 
     assert pe._partials((3, 4), torch.device(DEVICE)).isnan().all()
@@ -298,7 +298,7 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         projected_energy(u, v, backend="triton")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        gradient_energy(u, v, backend="triton")
+        weight_grad_energy(u, v, backend="triton")
 
 
 def test_unknown_backend_is_refused():
@@ -306,7 +306,7 @@ def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, torch, triton"):
         projected_energy(u, v, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
-        gradient_energy(u, v, backend="Triton")
+        weight_grad_energy(u, v, backend="Triton")
 
 
 def test_float64_needs_torch_backend():
@@ -315,7 +315,7 @@ def test_float64_needs_torch_backend():
     with pytest.raises(ValueError, match="float64.*backend='torch'"):
         projected_energy(u, v, backend="triton")
     with pytest.raises(ValueError, match="float64.*backend='torch'"):
-        gradient_energy(u, v.float(), backend="triton")
+        weight_grad_energy(u, v.float(), backend="triton")
     out = projected_energy(u, v)  # auto: the torch path keeps float64
     assert out.dtype == torch.float64
     assert torch.allclose(out, projected_energy_ref(u, v), rtol=1e-12)
@@ -343,7 +343,7 @@ def test_bad_cu_seqlens(cu, match, backend):
     with pytest.raises(ValueError, match=match):
         projected_energy(u, v, cu_t, backend=backend)
     with pytest.raises(ValueError, match=match):
-        gradient_energy(u, v, cu_t, backend=backend)
+        weight_grad_energy(u, v, cu_t, backend=backend)
 
 
 def test_cu_seqlens_wrong_type_or_rank():
@@ -371,7 +371,7 @@ def test_mismatched_shapes(u_shape, v_shape, packed):
         with pytest.raises(ValueError, match="must"):
             projected_energy(u, v, cu, backend=backend)
         with pytest.raises(ValueError, match="must"):
-            gradient_energy(u, v, cu, backend=backend)
+            weight_grad_energy(u, v, cu, backend=backend)
 
 
 def test_import_is_lazy_and_stale_kernels_are_reported(tmp_path):
@@ -456,7 +456,7 @@ def test_gpu_projected_energy_packed(dtype):
         pytest.param(2, 700, 1000, 700, "direct", id="B2-T700-M1000-N700-direct"),
     ],
 )
-def test_gpu_gradient_energy_bf16(B, T, M, N, form):
+def test_gpu_weight_grad_energy_bf16(B, T, M, N, form):
     assert uses_gram(T, M, N) == (form == "gram")
     check_gradient(randn(B, T, M, dtype=torch.bfloat16, seed=T), randn(B, T, N, dtype=torch.bfloat16, seed=N))
 
@@ -477,8 +477,8 @@ def test_gpu_deterministic():
         assert torch.equal(projected_energy(u, v, backend="triton"), first)
     d = randn(2, 512, 2048, dtype=torch.bfloat16, seed=3)
     x = randn(2, 512, 2048, dtype=torch.bfloat16, seed=4)
-    first = gradient_energy(d, x, backend="triton")
-    assert torch.equal(gradient_energy(d, x, backend="triton"), first)
+    first = weight_grad_energy(d, x, backend="triton")
+    assert torch.equal(weight_grad_energy(d, x, backend="triton"), first)
 
 
 @pytest.mark.gpu

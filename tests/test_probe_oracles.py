@@ -1,4 +1,4 @@
-"""PAGE against the oracles of shared/design/PAGE.md on tiny models of four families.
+"""PAGE against the oracles of docs/design.md on tiny models of four families.
 
 Oracle 1: naive autograd, one unpadded sample at a time, full weight gradient, float64.
 Oracle 2: peft itself: a real LoraConfig with the probe's A copied in; ||lora_B.grad||^2.

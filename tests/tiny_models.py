@@ -1,4 +1,4 @@
-"""Tiny models built from configs, and the naive autograd oracle of shared/design/PAGE.md."""
+"""Tiny models built from configs, and the naive autograd oracle of docs/design.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Backends:
 - ``"torch"``: the pure-torch reference (``naive.py``); any device, any float dtype.
 - ``"triton"``: the fused kernels (``projected_energy_triton.py``,
-  ``gradient_energy_triton.py``; not ``projected_energy.py``: importing a submodule sets
+  ``weight_grad_energy_triton.py``; not ``projected_energy.py``: importing a submodule sets
   the package attribute of its name, which would replace the public function); CUDA
   tensors, or CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is in
   the environment. float32, bfloat16, float16 only.
@@ -29,9 +29,9 @@ import os
 
 import torch
 
-from .naive import gradient_energy_ref, projected_energy_ref
+from .naive import weight_grad_energy_ref, projected_energy_ref
 
-__all__ = ["projected_energy", "gradient_energy", "BACKENDS"]
+__all__ = ["projected_energy", "weight_grad_energy", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -42,7 +42,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # tokens), so a launch of few programs leaves most SMs idle while each program walks all T
 # tokens (B=1, T=8192, M=576: 5 programs), where bmm splits the reduction. Above it the
 # kernel reads the inputs once, where the torch path first writes a float32 copy of them
-# (and, for gradient_energy's direct form, a [B, M, N] float32 gradient). 64, about half the
+# (and, for weight_grad_energy's direct form, a [B, M, N] float32 gradient). 64, about half the
 # SMs of an H100/H200, is a first guess, not a measurement: benchmarks/gpu_check.py prints,
 # per size, the programs of the launch and which backend was faster, and the threshold
 # that fits those timings best; set this from its output.
@@ -111,7 +111,7 @@ def _language_interpreted() -> bool:
 
 def _kernels():
     """The kernel modules, imported on first use (this applies ``@triton.jit``)."""
-    from . import gradient_energy_triton as ge
+    from . import weight_grad_energy_triton as ge
     from . import projected_energy_triton as pe
 
     return pe, ge
@@ -236,7 +236,7 @@ def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor 
     return projected_energy_ref(u, v, cu_seqlens)
 
 
-def gradient_energy(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+def weight_grad_energy(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
     """Per-sample squared norm of the full weight gradient ``|| d_s^T x_s ||_F^2``.
 
     Args mirror :func:`projected_energy` with ``d`` the output gradient ``[.., M]`` and ``x``
@@ -244,7 +244,7 @@ def gradient_energy(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor |
     """
     _prepare("d", d, "x", x, cu_seqlens)
     if _resolve("gradient", backend, d, x, cu_seqlens) == "triton":
-        from .gradient_energy_triton import gradient_energy_triton
+        from .weight_grad_energy_triton import weight_grad_energy_triton
 
-        return gradient_energy_triton(d, x, _kernel_cu(cu_seqlens, d.device))
-    return gradient_energy_ref(d, x, cu_seqlens)
+        return weight_grad_energy_triton(d, x, _kernel_cu(cu_seqlens, d.device))
+    return weight_grad_energy_ref(d, x, cu_seqlens)

@@ -9,8 +9,8 @@ convention), and return one energy per sample (segment):
 
 - ``projected_energy(u, v)``: ``e[s] = || u_s^T v_s ||_F^2`` with ``u_s: [T_s, M]``,
   ``v_s: [T_s, R]``. Projection "A" is ``u = D``, ``v = X A^T``; projection "B" is
-  ``u = X``, ``v = D B`` (shared/design/PAGE.md).
-- ``gradient_energy(d, x)``: ``e[s] = || d_s^T x_s ||_F^2``, the squared norm of the full
+  ``u = X``, ``v = D B`` (docs/design.md).
+- ``weight_grad_energy(d, x)``: ``e[s] = || d_s^T x_s ||_F^2``, the squared norm of the full
   per-sample weight gradient, for projection "expected". Computed directly
   (``[M, N]`` per sample) or through the Gram ("ghost norm") identity
   ``< d d^T, x x^T >`` (``[T, T]`` per sample), whichever costs fewer multiply-adds.
@@ -58,7 +58,7 @@ def projected_energy_ref(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Ten
     return out
 
 
-def _gradient_energy_one(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _weight_grad_energy_one(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # d: [T, M], x: [T, N] in the accumulation dtype.
     t, m = d.shape
     n = x.shape[1]
@@ -67,7 +67,7 @@ def _gradient_energy_one(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (d.T @ x).square().sum()  # direct: [M, N]
 
 
-def gradient_energy_ref(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+def weight_grad_energy_ref(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """``e[s] = || d_s^T x_s ||_F^2``: squared Frobenius norm of each sample's weight gradient.
 
     d: ``[B, T, M]`` or ``[N, M]`` (output gradients); x: ``[B, T, N]`` or ``[N, N_in]``
@@ -87,5 +87,5 @@ def gradient_energy_ref(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tens
     out = torch.zeros(cu_seqlens.numel() - 1, dtype=acc, device=d.device)
     for i, (a, b) in enumerate(_segments(d.shape[0], cu_seqlens)):
         if b > a:
-            out[i] = _gradient_energy_one(d[a:b].to(acc), x[a:b].to(acc))
+            out[i] = _weight_grad_energy_one(d[a:b].to(acc), x[a:b].to(acc))
     return out

@@ -1,7 +1,7 @@
 """Fused Triton kernel: per-sample ``|| u_s^T v_s ||_F^2`` without storing ``u_s^T v_s``.
 
 Serves projection "A" (``u = D``, ``v = X A^T``) and "B" (``u = X``, ``v = D B``) of the
-probe (shared/design/PAGE.md). ``naive.projected_energy_ref`` is the oracle.
+probe (docs/design.md). ``naive.projected_energy_ref`` is the oracle.
 
 One program owns one segment ``s``, one tile of ``BM`` columns of ``u`` and one tile of
 ``BR`` columns of ``v``. It walks the segment's tokens ``BT`` at a time, accumulates the

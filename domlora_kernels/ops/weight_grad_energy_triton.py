@@ -1,6 +1,6 @@
 """Fused Triton kernels: per-sample ``|| d_s^T x_s ||_F^2``, the full weight-gradient energy.
 
-For projection "expected" (shared/design/PAGE.md). ``naive.gradient_energy_ref`` is the
+For projection "expected" (docs/design.md). ``naive.weight_grad_energy_ref`` is the
 oracle. Two forms, chosen per segment by the same cost rule as the reference
 (Gram when ``T^2 (M + N) < T M N``, i.e. ``T < M N / (M + N)``):
 
@@ -30,7 +30,7 @@ import triton.language as tl
 
 
 @triton.jit
-def gradient_energy_direct_kernel(
+def weight_grad_energy_direct_kernel(
     d_ptr,
     x_ptr,
     cu_ptr,
@@ -107,7 +107,7 @@ def gradient_energy_direct_kernel(
 
 
 @triton.jit
-def gradient_energy_gram_kernel(
+def weight_grad_energy_gram_kernel(
     d_ptr,
     x_ptr,
     cu_ptr,
@@ -131,7 +131,7 @@ def gradient_energy_gram_kernel(
     ``w * sum( (d_i d_j^T) * (x_i x_j^T) )`` with ``w = 2`` above the diagonal, 1 on it,
     0 below it (and 0 for tiles past the segment's end, which skip their loops).
 
-    Pointers as in :func:`gradient_energy_direct_kernel`; part_ptr: float32
+    Pointers as in :func:`weight_grad_energy_direct_kernel`; part_ptr: float32
     ``[S_launch, num_T_tiles * num_T_tiles]``, contiguous, where ``num_T_tiles`` covers the
     longest segment of the launch.
     """
@@ -197,7 +197,7 @@ def gradient_energy_gram_kernel(
 
 
 # True when TRITON_INTERPRET=1 was set as this module was imported (read by @triton.jit).
-INTERPRETED = not isinstance(gradient_energy_direct_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(weight_grad_energy_direct_kernel, triton.runtime.JITFunction)
 
 # Tiles: a plain heuristic, no per-GPU cache. Direct: a 64 x 64 float32 accumulator
 # (16 KiB) over 32-token steps. Gram: two 64 x 64 float32 accumulators over 64-wide
@@ -239,10 +239,10 @@ def _launch(d, x, cu, ids, n_launch: int, t_max: int, T: int, strides, gram: boo
         if n_t == 0:  # every segment of this launch is empty
             return torch.zeros(n_launch, dtype=torch.float32, device=d.device)
         grid = (n_launch, n_t, n_t)
-        kernel, tiles = gradient_energy_gram_kernel, _GRAM_TILES
+        kernel, tiles = weight_grad_energy_gram_kernel, _GRAM_TILES
     else:
         grid = (n_launch, triton.cdiv(M, _DIRECT_TILES["BM"]), triton.cdiv(N, _DIRECT_TILES["BN"]))
-        kernel, tiles = gradient_energy_direct_kernel, _DIRECT_TILES
+        kernel, tiles = weight_grad_energy_direct_kernel, _DIRECT_TILES
     part = _partials((n_launch, grid[1] * grid[2]), d.device)
     kernel[grid](
         d, x, cu, ids, part,
@@ -256,8 +256,8 @@ def _launch(d, x, cu, ids, n_launch: int, t_max: int, T: int, strides, gram: boo
     return part.sum(dim=1)
 
 
-def gradient_energy_triton(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher. Inputs already checked by ``ops.gradient_energy``. Any strides; nothing is
+def weight_grad_energy_triton(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Launcher. Inputs already checked by ``ops.weight_grad_energy``. Any strides; nothing is
     copied. Returns float32 ``[S]``.
 
     Padded inputs: one launch of the form the cost rule picks for ``T``. Packed inputs: the
