@@ -22,12 +22,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import sample_batch, tiny_model  # noqa: E402
+from helpers import COMBOS  # noqa: E402
 
 from domlora_kernels import page_scores  # noqa: E402
 from domlora_kernels.distributed import shard  # noqa: E402
 
-COMBOS = [("A", "fisher"), ("B", "fisher"), ("AB", "fisher"), ("expected", "fisher"),
-          ("A", "gradient"), ("B", "gradient"), ("AB", "gradient")]
 # 5 batches of uneven sizes: 2 ranks get 3 and 2 batches (7 and 6 samples)
 LENGTHS = [[9, 5, 12], [7, 12], [4, 11, 6], [10, 3], [8, 8, 5, 12]]
 

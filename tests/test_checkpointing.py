@@ -19,9 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from domlora_kernels import page_scores
 from domlora_kernels.losses import causal_lm_losses
 from tiny_models import sample_batch, tiny_model
+from helpers import COMBOS
 
-COMBOS = [("A", "fisher"), ("B", "fisher"), ("AB", "fisher"), ("expected", "fisher"),
-          ("A", "gradient"), ("B", "gradient"), ("AB", "gradient")]
 BATCHES = [sample_batch([9, 5, 12], seed=1), sample_batch([7, 12], seed=2)]
 _REF: dict = {}
 

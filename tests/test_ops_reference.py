@@ -13,6 +13,7 @@ import torch
 
 from domlora_kernels.ops import weight_grad_energy, projected_energy
 from domlora_kernels.ops.naive import weight_grad_energy_ref, projected_energy_ref
+from helpers import KERNEL_DTYPES, rel_err, uses_gram
 
 # float32 reference against a float64 loop: only summation order differs. Measured worst
 # over 5 seeds of these sizes: float32 1.3e-7, bfloat16 2.6e-7, float16 1.8e-7 (the loop
@@ -30,20 +31,7 @@ def loop_energy(a: torch.Tensor, b: torch.Tensor, segments: list[tuple[int, int]
     return torch.tensor([(x.double().T @ y.double()).square().sum().item() for x, y in rows], dtype=torch.float64)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
-
-
-def uses_gram(t: int, m: int, n: int) -> bool:
-    return t * t * (m + n) < t * m * n
-
-
-DTYPES = [
-    pytest.param(torch.float32, id="f32"),
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="f16"),
-    pytest.param(torch.float64, id="f64"),
-]
+DTYPES = KERNEL_DTYPES + [pytest.param(torch.float64, id="f64")]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -29,6 +29,7 @@ pytest.importorskip("triton")
 
 from domlora_kernels.ops import weight_grad_energy, projected_energy  # noqa: E402
 from domlora_kernels.ops.naive import weight_grad_energy_ref, projected_energy_ref  # noqa: E402
+from helpers import KERNEL_DTYPES, rel_err, uses_gram  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,24 +42,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # float32 entry).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
-DTYPES = [
-    pytest.param(torch.float32, id="f32"),
-    pytest.param(torch.bfloat16, id="bf16"),
-    pytest.param(torch.float16, id="f16"),
-]
+DTYPES = KERNEL_DTYPES
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setenv("DOMLORA_KERNELS_POISON", "1")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-300)).item()
-
-
-def uses_gram(t: int, m: int, n: int) -> bool:
-    return t * t * (m + n) < t * m * n
 
 
 def randn(*shape, dtype, seed):

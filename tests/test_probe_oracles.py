@@ -12,9 +12,9 @@ import torch
 
 from domlora_kernels import page_scores
 from tiny_models import naive_page, sample_batch, tiny_model
+from helpers import COMBOS
 
 ARCHS = ["llama", "qwen2", "gemma3", "gpt2"]
-COMBOS = [(p, e) for p in ("A", "B", "AB", "expected") for e in ("fisher", "gradient") if (p, e) != ("expected", "gradient")]
 # float32 model, energies compared in float64 (issue: relative error < 1e-5)
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
