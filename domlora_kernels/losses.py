@@ -20,7 +20,8 @@ def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor, first_sample: i
 
     Args:
         logits: ``[B, T, V]``; position ``t`` predicts token ``t + 1``.
-        labels: ``[B, T]``; ``-100`` is ignored.
+        labels: ``[B, T]``; ``-100`` is ignored. Checked on their own device (labels on the CPU
+            cost no device sync), then moved to the logits' device.
         first_sample: index of row 0 in the whole calibration set, for error messages.
 
     Returns:
@@ -30,9 +31,7 @@ def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor, first_sample: i
         ValueError: a row with no target token (all labels after the first are -100).
     """
     b, t, v = logits.shape
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
@@ -40,7 +39,8 @@ def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor, first_sample: i
             f"or the sequence has one token); drop it or give it labels to predict"
         )
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    shift_labels = labels[:, 1:].to(logits.device)
     tok = F.cross_entropy(
-        shift_logits.reshape(-1, v).to(acc), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        logits[:, :-1, :].reshape(-1, v).to(acc), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(b, t - 1)
-    return tok.sum(dim=1) / counts.to(acc)
+    return tok.sum(dim=1) / counts.to(device=logits.device, dtype=acc)

@@ -20,7 +20,7 @@ import torch
 
 from dist_worker import COMBOS, all_batches, seeds_for
 from domlora_kernels import PageScores, page_scores
-from domlora_kernels.distributed import is_active, rank_and_world, shard
+from domlora_kernels.distributed import rank_and_world, shard
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_shard_is_contiguous_balanced_and_complete(n, world):
 
 
 def test_shard_defaults_and_errors():
-    assert not is_active() and rank_and_world() == (0, 1)
+    assert not torch.distributed.is_initialized() and rank_and_world() == (0, 1)
     assert shard((1, 2, 3)) == [1, 2, 3]
     with pytest.raises(ValueError, match="both rank and world_size"):
         shard([1], rank=0)
