@@ -9,10 +9,18 @@ IGNORE_INDEX = -100
 
 
 def default_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``input_ids`` where attended, ``-100`` elsewhere (padding carries no loss)."""
+    """``input_ids`` where attended, ``-100`` elsewhere (padding carries no loss).
+
+    A token is a target only if the position before it is attended too: with left padding the
+    first real token would otherwise be "predicted" from a pad position, a loss the same
+    sample without padding does not have.
+    """
     if attention_mask is None:
         return input_ids.clone()
-    return input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    attended = attention_mask != 0
+    after_pad = torch.zeros_like(attended)
+    after_pad[:, 1:] = ~attended[:, :-1]
+    return input_ids.masked_fill(~attended | after_pad, IGNORE_INDEX)
 
 
 def causal_lm_losses(logits: torch.Tensor, labels: torch.Tensor, first_sample: int = 0) -> torch.Tensor:

@@ -286,7 +286,12 @@ def _merge_grad_sums(sites, probe, group) -> None:
             offset += n
 
 
-def _validate(rank, projection, estimator, backend, seed, lora_alpha) -> list[int]:
+def _validate(rank, projection, estimator, backend, seed, lora_alpha, batches, loss_fn) -> list[int]:
+    """The arguments of :func:`page_scores` that need no model; returns the seeds as a list."""
+    if isinstance(batches, Mapping):
+        raise TypeError("batches must be an iterable of batch dicts; wrap a single batch in a list: [batch]")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable(model, batch) -> losses [B], got {type(loss_fn).__name__}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if projection not in PROJECTIONS:
@@ -414,7 +419,8 @@ def page_scores(
             found (weights, ``requires_grad``, train/eval mode, hooks, ``.grad``), also on error.
             It runs in eval mode during the probe (no dropout), so scores are deterministic.
         batches: iterable of dicts with ``input_ids`` ``[B, T]``, optional ``attention_mask``
-            and ``labels`` (``-100`` ignored; default: ``input_ids`` where attended). Other
+            and ``labels`` (``-100`` ignored; default: ``input_ids`` where attended and
+            preceded by an attended token, so left and right padding agree). Other
             keys are passed to the model. Anything else when ``loss_fn`` is given.
         rank: LoRA rank ``r`` of the probe adapter.
         target_modules / exclude_modules: peft's forms: ``"all-linear"`` (``nn.Linear`` and
@@ -446,11 +452,7 @@ def page_scores(
         >>> scores.dominant_module                                     # doctest: +SKIP
         'model.layers.3.mlp.down_proj'
     """
-    seeds = _validate(rank, projection, estimator, backend, seed, lora_alpha)
-    if isinstance(batches, Mapping):
-        raise TypeError("batches must be an iterable of batch dicts; wrap a single batch in a list: [batch]")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable(model, batch) -> losses [B], got {type(loss_fn).__name__}")
+    seeds = _validate(rank, projection, estimator, backend, seed, lora_alpha, batches, loss_fn)
     from . import distributed as dd
 
     model, process_group = dd.unwrap(model, process_group)
@@ -463,46 +465,65 @@ def page_scores(
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = _Probe(rank, seeds, projection, estimator, scaling, backend)
     sites = [_Site(c, probe) for c in candidates]
+    bar = _progress_bar(batches) if progress and world_rank == 0 else None
+    num_samples, num_batches, elapsed = _run_all_ranks(model, batches, sites, loss_fn, device, bar, process_group)
+    if num_batches == 0:
+        raise ValueError("batches is empty: give at least one batch of calibration samples")
+    if world_rank == 0:
+        _warn_idle(sites)
+    config = {
+        "rank": rank, "projection": projection, "estimator": estimator, "seeds": seeds,
+        "lora_alpha": lora_alpha, "use_rslora": use_rslora, "scaling": scaling, "backend": backend,
+        "target_modules": _as_given(target_modules), "exclude_modules": _as_given(exclude_modules),
+    }
+    meta = {"probe_seconds": elapsed, "num_batches": num_batches, "torch": torch.__version__}
+    if world > 1:
+        meta.update({"world_size": world, "sample_order": "rank-major"})
+    return _collect(sites, num_samples, config, meta)
 
-    bar = None
-    if progress and world_rank == 0:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches) if hasattr(batches, "__len__") else None, desc="PAGE probe",
-                   unit="batch", leave=False)
+def _run_all_ranks(model, batches, sites, loss_fn, device, bar, group) -> tuple[int, int, float]:
+    """:func:`_run` on this rank, then the ranks merged: ``(samples, batches, seconds)`` of all."""
+    from . import distributed as dd
+
+    world = dd.rank_and_world(group)[1]
+    probe = sites[0].probe
     t0 = time.perf_counter()
     try:
         num_samples, num_batches = _run(model, batches, sites, probe, loss_fn, device, bar)
     except BaseException:  # Ctrl-C too: the other ranks stop with an error instead of waiting for this one
         if world > 1:
-            dd.gather_ints(_status_row(sites, failed=True), process_group)
+            dd.gather_ints(_status_row(sites, failed=True), group)
         raise
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
     if world > 1:
-        num_samples, num_batches, elapsed = _merge_ranks(sites, probe, num_samples, num_batches, elapsed, process_group)
-    if num_batches == 0:
-        raise ValueError("batches is empty: give at least one batch of calibration samples")
+        return _merge_ranks(sites, probe, num_samples, num_batches, elapsed, group)
+    return num_samples, num_batches, elapsed
+
+
+def _warn_idle(sites) -> None:
     idle = [s.cand.name for s in sites if not s.got_grad]
-    if idle and world_rank == 0:
+    if idle:
         warnings.warn(
             f"{len(idle)} candidate module(s) got no gradient (never ran, or off the loss path) and score 0: "
             f"{', '.join(idle[:5])}{', ...' if len(idle) > 5 else ''}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    config = {
-        "rank": rank, "projection": projection, "estimator": estimator, "seeds": seeds,
-        "lora_alpha": lora_alpha, "use_rslora": use_rslora, "scaling": scaling, "backend": backend,
-        "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
-        "exclude_modules": exclude_modules if exclude_modules is None or isinstance(exclude_modules, str)
-        else list(exclude_modules),
-    }
-    meta = {"probe_seconds": elapsed, "num_batches": num_batches, "torch": torch.__version__}
-    if world > 1:
-        meta.update({"world_size": world, "sample_order": "rank-major"})
-    return _collect(sites, num_samples, config, meta)
+
+
+def _as_given(spec):
+    """A module selection as the config records it: a string (or None) as is, else a list."""
+    return spec if spec is None or isinstance(spec, str) else list(spec)
+
+
+def _progress_bar(batches):
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None  # a generator has no length
+    return tqdm(total=total, desc="PAGE probe", unit="batch", leave=False)
 
 
 def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:

@@ -114,6 +114,13 @@ def test_error_on_one_rank_stops_all(ranks):
     assert ranks[0]["error"] == "RuntimeError: rank(s) [1] failed during the probe (see their error); stopping this rank too"
 
 
+def test_keyboard_interrupt_on_one_rank_stops_all(ranks):
+    """Ctrl-C on rank 1 mid-probe: rank 1 re-raises it, rank 0 raises instead of hanging (a
+    hang would run into the fixture's subprocess timeout)."""
+    assert ranks[1]["interrupt"] == "KeyboardInterrupt: "
+    assert ranks[0]["interrupt"] == "RuntimeError: rank(s) [1] failed during the probe (see their error); stopping this rank too"
+
+
 # ------------------------------------------------------------- no torchrun needed
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 3), (5, 2), (7, 3), (12, 4)])
 def test_shard_is_contiguous_balanced_and_complete(n, world):
