@@ -1,4 +1,7 @@
-"""The model's mode during a probe: frozen and in eval mode, and exactly as found afterwards."""
+"""The model's mode during a probe: frozen and in eval mode, and exactly as found afterwards.
+
+Frozen weights are what let the probe skip every weight gradient (docs/design.md).
+"""
 
 from __future__ import annotations
 

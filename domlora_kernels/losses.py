@@ -1,4 +1,8 @@
-"""Per-sample losses: what the probe backpropagates, one scalar per row of the batch."""
+"""Per-sample losses: what the probe backpropagates, one scalar per row of the batch.
+
+Their sum, not their mean, is backpropagated, so each row's output gradient is exactly its
+own sample's (docs/design.md). The tests check them against transformers' own loss.
+"""
 
 from __future__ import annotations
 

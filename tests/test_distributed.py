@@ -131,6 +131,23 @@ def test_shard_is_contiguous_balanced_and_complete(n, world):
     assert [len(p) for p in parts] == sorted((len(p) for p in parts), reverse=True)
 
 
+def test_init_from_env_binds_the_local_gpu_for_nccl(monkeypatch):
+    """Under torchrun, NCCL needs each rank on its own GPU: LOCAL_RANK, not cuda:0 for all."""
+    import domlora_kernels.distributed as dd
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    assert dd.init_from_env("nccl") is True
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    calls.clear()
+    assert dd.init_from_env("gloo") is True
+    assert calls == [("init", "gloo")]
+
+
 def test_shard_defaults_and_errors():
     assert not torch.distributed.is_initialized() and rank_and_world() == (0, 1)
     assert shard((1, 2, 3)) == [1, 2, 3]

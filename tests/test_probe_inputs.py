@@ -130,7 +130,8 @@ def test_generator_batches_equal_a_list():
 
 
 # ------------------------------------------------------------------ half-precision models
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)], ids=["bf16", "f16"])
+# Measured worst over these three cases: bf16 3.0e-3, f16 2.2e-4; the tolerances leave ~7x.
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 1.5e-3)], ids=["bf16", "f16"])
 @pytest.mark.parametrize("projection,estimator", [("A", "fisher"), ("AB", "gradient"), ("expected", "fisher")])
 def test_half_precision_model_close_to_float32(dtype, tol, projection, estimator):
     """Same weights (rounded), same batches: the scores of the whole model within ``tol``
