@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from .confidence import Confidence, floor_percent, kendall_tau, spearman
-from .scores import PageScores, entropy_concentration
+from .confidence import Confidence
+from .scores import PageScores
+from .stats import entropy_concentration, floor_percent, kendall_tau, spearman
 
 
 # ------------------------------------------------------------------ text
