@@ -495,7 +495,8 @@ def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: _Plan, 
                 weight.copy_(a.to(device=weight.device, dtype=weight.dtype))
             copied.append(name)
             continue
-        if plan.init_lora_weights is True:  # another init was asked for: keeping it is no surprise
+        # no surprise, so no warning: another init was asked for, or a budget plan cut this module's rank
+        if plan.init_lora_weights is True and plan.rule == "top-k":
             warnings.warn(f"{name}: lora_A keeps peft's initialisation ({kept[name]})", stacklevel=3)
     return copied, kept, ranks
 
@@ -526,8 +527,9 @@ def apply_domlora(
     ``(adapter_scaling / probe_scaling)^2`` when the alphas differ). Otherwise (rank differs,
     a projection without A, or AdaLoRA, whose ``lora_E = 0`` start sends the first gradient
     through E, not B) peft's initialisation is kept, with a warning naming the module except
-    for AdaLoRA, where it is the documented behaviour. An ``init_lora_weights`` other than
-    peft's default (EVA, PiSSA, LoftQ, gaussian, ...) is kept without a warning.
+    for AdaLoRA, where it is the documented behaviour, and for the module a budget plan gives
+    a lower rank (the summary says "peft init"). An ``init_lora_weights`` other than peft's
+    default (EVA, PiSSA, LoftQ, gaussian, ...) is kept without a warning.
 
     Args:
         model: the model that was probed (same module names), not already a PeftModel.
