@@ -321,9 +321,10 @@ def _plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, co
     else:
         plan.targets = _top(scores, candidates, 1 if top_k is None else top_k)
         plan.ranks = _resolve_ranks(scores, plan.targets, r, rank_pattern)
+    # a budget plan counts every module at its planned rank: a pattern of the user's would change the count
     patterns = config is not None and (config.rank_pattern or config.alpha_pattern)
-    if patterns and (plan.alphas or any(k != r for k in plan.ranks.values())):
-        raise ValueError("config already has a rank_pattern or alpha_pattern, and this plan sets its own; "
+    if patterns and (plan.rule != "top-k" or any(k != r for k in plan.ranks.values())):
+        raise ValueError("config already has a rank_pattern or alpha_pattern, and this plan sets the ranks itself; "
                          "clear them in the config, or use top_k without rank_pattern to keep them")
     return plan
 
