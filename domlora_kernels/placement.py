@@ -1,10 +1,13 @@
 """DomLoRA placement: a peft adapter on the highest-PAGE module(s), started from the probe's A.
 
 :func:`domlora_config` turns a :class:`~domlora_kernels.scores.PageScores` into a peft config
-that targets the ``top_k`` modules of highest PAGE and nothing else; :func:`apply_domlora`
-wraps a model with it and copies the probe's ``A`` into each ``lora_A``, so that the first
-gradient of every ``lora_B`` is exactly the one the probe measured (docs/design.md,
-oracle 2).
+that targets the ``top_k`` modules of highest PAGE (or the modules and ranks a parameter
+``budget`` buys, :mod:`~domlora_kernels.budget`) and nothing else; given a user's own
+``LoraConfig``, it restricts that config's targets instead. :func:`apply_domlora` takes the
+same arguments, wraps a model with the config and copies the probe's ``A`` into each
+``lora_A``, so that the first gradient of every ``lora_B`` is exactly the one the probe
+measured (docs/design.md, oracle 2). One private planning step (``_plan``) validates the
+arguments and chooses targets and ranks for both.
 
 Exact names. peft matches a *list* of target names as "equal, or a dotted suffix": the name
 ``model.layers.1.mlp.down_proj`` would also select ``encoder.model.layers.1.mlp.down_proj`` in
@@ -18,6 +21,7 @@ exactly its own module as well.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import re
 import warnings
@@ -422,6 +426,16 @@ def domlora_config(
     return _peft_config(plan)
 
 
+def _plan_as_config(scores: Any, args: tuple, kwargs: dict[str, Any]) -> _Plan:
+    """The plan of ``domlora_config(scores, *args, **kwargs)``: apply_domlora takes the same arguments."""
+    try:
+        given = inspect.signature(domlora_config).bind(scores, *args, **kwargs).arguments
+    except TypeError as e:
+        raise TypeError(f"apply_domlora(model, scores, ...) takes domlora_config's arguments after the model: {e}") from None
+    names = ("r", "lora_alpha", "top_k", "variant", "rank_pattern", "budget", "top_p", "config")
+    return _plan(scores, *(given.get(n) for n in names), given.get("peft_kwargs", {}))
+
+
 def _adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
     """name -> peft LoRA layer carrying ``adapter_name`` (names as in the unwrapped model)."""
     out = {}
@@ -502,22 +516,8 @@ def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: _Plan, 
     return copied, kept, ranks
 
 
-def apply_domlora(
-    model: nn.Module,
-    scores: PageScores,
-    r: int | None = None,
-    lora_alpha: float | None = None,
-    top_k: int | None = None,
-    variant: str | None = None,
-    rank_pattern: str | dict[str, int] | None = None,
-    adapter_name: str = "default",
-    verbose: bool = True,
-    *,
-    budget: int | float | str | None = None,
-    top_p: float | None = None,
-    config: Any = None,
-    **peft_kwargs: Any,
-):
+def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name: str = "default",
+                  verbose: bool = True, **kwargs: Any):
     """Wrap ``model`` with peft adapters on its highest-PAGE modules, initialised from the probe.
 
     Like ``peft.get_peft_model``, this injects the adapters into ``model`` itself; ``scores``
@@ -534,8 +534,9 @@ def apply_domlora(
 
     Args:
         model: the model that was probed (same module names), not already a PeftModel.
-        scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, **peft_kwargs:
-            as in :func:`domlora_config`.
+        scores, *args, **kwargs: the arguments of :func:`domlora_config` (``r``, ``lora_alpha``,
+            ``top_k``, ``variant``, ``rank_pattern``, ``budget``, ``top_p``, ``config``,
+            ``**peft_kwargs``), with the same meaning and defaults.
         adapter_name: peft adapter name (default "default").
         verbose: print :meth:`Placement.summary` (targets, trainable parameters and their
             ratio to vanilla LoRA on all probed modules).
@@ -549,7 +550,7 @@ def apply_domlora(
         >>> pm.domlora_placement.ratio                                     # doctest: +SKIP
         0.0069
     """
-    plan = _plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs)
+    plan = _plan_as_config(scores, args, kwargs)
     _check_model(model, scores, plan.targets)
     pm = _get_peft_model(model, _peft_config(plan), adapter_name)
     layers = _adapted_layers(pm.get_base_model(), adapter_name)
@@ -568,3 +569,15 @@ def apply_domlora(
     if verbose:
         print(placement.summary())
     return pm
+
+
+def _apply_signature() -> inspect.Signature:
+    """``apply_domlora``'s signature as help() should show it: model, then domlora_config's, with its own two."""
+    params = list(inspect.signature(domlora_config).parameters.values())
+    own = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t)
+           for n, d, t in (("adapter_name", "default", "str"), ("verbose", True, "bool"))]
+    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module")
+    return inspect.Signature([model, *params[:-1], *own, params[-1]])
+
+
+apply_domlora.__signature__ = _apply_signature()
