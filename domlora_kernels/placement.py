@@ -401,7 +401,8 @@ def domlora_config(
             ``init_lora_weights="eva"``, PiSSA or LoftQ: the result is a copy of it, with
             ``target_modules`` restricted to the chosen modules among those it targets (and
             ``rank_pattern`` / ``alpha_pattern`` for a budget plan); every other setting is kept
-            and ``config`` itself is not changed. ``r``, ``lora_alpha``, ``variant`` and
+            and ``config`` itself is not changed. Its ``target_modules`` (None or "all-linear":
+            every probed module) and ``exclude_modules`` bound the choice, by peft's own matching. ``r``, ``lora_alpha``, ``variant`` and
             ``peft_kwargs`` then come from the config and must not be passed.
         **peft_kwargs: passed to the peft config (``lora_dropout``, ``bias``, ``total_step``,
             ``tinit``, ...). ``task_type`` defaults to "CAUSAL_LM".
