@@ -634,16 +634,20 @@ def _command_out(cmd: list[str], timeout: float = 10.0) -> str | None:
 
 
 def describe(dev: Dev) -> dict:
-    """The machine and the software under test."""
-    from domlora_kernels import ops
+    """The machine and the software under test (written even when the package fails to import)."""
+    try:
+        from domlora_kernels import ops
 
+        auto_min = ops.AUTO_MIN_PROGRAMS
+    except Exception as exc:
+        auto_min = f"domlora_kernels.ops does not import: {type(exc).__name__}: {exc}"[:300]
     info = {
         "device": "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
         "triton": _version("triton"), "transformers": _version("transformers"), "peft": _version("peft"),
         "python": platform.python_version(), "platform": platform.platform(), "host": platform.node(),
         "time_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "git": _command_out(["git", "rev-parse", "HEAD"]),
-        "auto_min_programs": ops.AUTO_MIN_PROGRAMS,
+        "auto_min_programs": auto_min,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
     }
@@ -902,6 +906,7 @@ def time_providers(ctx: Ctx, providers: dict[str, list[Callable[[], Any]]]) -> d
         except torch.cuda.OutOfMemoryError as exc:
             ctx.dev.free()
             out[name] = {"error": f"out of memory: {exc}"[:300]}
+    ctx.dev.free()  # the graphs' pools and the inputs' copies go back before the next case
     return out
 
 
@@ -1127,6 +1132,9 @@ def pytest_counts(text: str) -> dict[str, int]:
 def sec_native_tests(ctx: Ctx) -> dict:
     files = [f for f in ctx.plan.pytest_files if (ROOT / f).is_file()]
     missing = [f for f in ctx.plan.pytest_files if f not in files]
+    if not files:  # pytest would fall back to the whole of testpaths
+        ctx.check("native_tests", "kernel test files present", False, error=f"none of {list(ctx.plan.pytest_files)} exists")
+        return {"missing_files": missing}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files, *ctx.plan.pytest_args]
     if ctx.plan.pytest_workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(ctx.plan.pytest_workers)]
@@ -1246,6 +1254,8 @@ def main(argv=None) -> int:
     for s in SECTIONS:
         if s not in selected:
             ctx.statuses.append(rows.write(s.name, "section", status="skipped", reason="not selected by --only"))
+    if not faulthandler.is_enabled():
+        faulthandler.enable()  # a crash inside a kernel launch prints where (the rows so far are on disk)
     faulthandler.dump_traceback_later(args.budget + 100, exit=True)  # a hang still ends, and says where
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     interrupted = None
