@@ -296,4 +296,5 @@ def test_cpu_smoke_walks_every_section(tmp_path):
     assert {r["op"] for r in rows if r["kind"] == "fit"} == {"projected", "gradient", "both"}
     summary = json.loads((tmp_path / gc.SUMMARY_FILE).read_text())
     assert summary["ok"] and summary["complete"] and all(rows[-1][k] == v for k, v in summary.items())
+    assert {k.split()[0] for k in summary["worst_rel_err_vs_float64"]} == {"projected", "gradient"}
     assert "1 passed" in (tmp_path / gc.PYTEST_LOG).read_text()
