@@ -143,8 +143,10 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
+        start = 2  # the line each row starts on (a quoted cell may span lines)
         for row in reader:
-            yield f"{path}:{reader.line_num}", row
+            yield f"{path}:{start}", row
+            start = reader.line_num + 1
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
