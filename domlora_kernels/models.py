@@ -140,7 +140,7 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dt
         raise ValueError("choose one of load_in_4bit and load_in_8bit (--load-in-4bit / --load-in-8bit)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError("4-bit and 8-bit loading need bitsandbytes: `pip install 'domlora_kernels[quant]'` "
-                          "(bitsandbytes >= 0.48 runs on the CPU too)")
+                          "(bitsandbytes >= 0.50 runs both on the CPU too)")
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
