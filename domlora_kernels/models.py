@@ -160,14 +160,15 @@ def _hub_error(name: str, why: str) -> FileNotFoundError:
     )
 
 
-def _resolve_hub_name(name: str) -> str:
-    """Check that transformers can resolve ``name``: from the local cache, else from the hub."""
+def _resolve_hub_name(name: str) -> dict:
+    """The loading kwargs of a model name: from the local cache where it is there (the hub is then
+    not asked), else from the hub; a clear error where neither has it."""
     from huggingface_hub import constants
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(name, local_files_only=True)
-        return name
+        return {"local_files_only": True}
     except OSError:
         pass
     if constants.HF_HUB_OFFLINE:
@@ -176,7 +177,7 @@ def _resolve_hub_name(name: str) -> str:
         AutoConfig.from_pretrained(name)
     except OSError as e:
         raise _hub_error(name, f"it is not in the local Hugging Face cache and the hub did not give it ({e})") from None
-    return name
+    return {}
 
 
 def _source(model: str | os.PathLike | None, cache: bool) -> tuple[str, dict]:
@@ -187,7 +188,7 @@ def _source(model: str | os.PathLike | None, cache: bool) -> tuple[str, dict]:
         if path.suffix == ".gguf" or text.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(text):
             raise FileNotFoundError(f"--model {text!r} does not exist; give a .gguf file, a local transformers folder, "
                                     "or a model name in the Hugging Face cache (org/name)")
-        return _resolve_hub_name(text), {}
+        return text, _resolve_hub_name(text)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; give a .gguf file or a transformers folder")
@@ -208,7 +209,7 @@ def load_model(
     *,
     dtype: str | torch.dtype = torch.float32,
     cache: bool = True,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     device_map: str | None = None,
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
@@ -225,8 +226,9 @@ def load_model(
         cache: keep the de-quantised GGUF as safetensors for the next load.
         device: ``"auto" | "cpu" | "cuda" | "cuda:N"``; see :func:`resolve_device` (under
             torchrun, ``"auto"``/``"cuda"`` put each rank's model on ``cuda:LOCAL_RANK``).
+            Default: the CPU, or ``"auto"`` with a ``device_map``.
         device_map: ``"auto"`` (or another accelerate strategy) to spread a model larger than
-            one GPU over the visible devices; ``device`` must then be ``"auto"``.
+            one GPU over the visible devices; ``device`` must then be unset or ``"auto"``.
         load_in_4bit / load_in_8bit: quantise the linear layers with bitsandbytes (the
             ``quant`` extra): 4-bit NF4 with double quantisation as in QLoRA, or LLM.int8.
 
@@ -237,9 +239,9 @@ def load_model(
 
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise ValueError(f"device_map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
-    if device_map is not None and str(device) != "auto":
+    if device_map is not None and device not in (None, "auto"):
         raise ValueError(f"give device_map={device_map!r} or device={str(device)!r}, not both (use device 'auto')")
-    dev = resolve_device(device)
+    dev = resolve_device(("cpu" if device_map is None else "auto") if device is None else device)
     dt = resolve_dtype(dtype, dev)
     quant = _quantization_config(load_in_4bit, load_in_8bit, dt)
     if quant is not None and model is not None and Path(model).suffix == ".gguf" and not cache:
@@ -250,7 +252,7 @@ def load_model(
         extra["device_map"] = {"": dev}  # bitsandbytes quantises as it places the weights
     if device_map is not None:
         extra["device_map"] = device_map
-    tok = AutoTokenizer.from_pretrained(src, **{k: v for k, v in extra.items() if k == "gguf_file"})
+    tok = AutoTokenizer.from_pretrained(src, **{k: v for k, v in extra.items() if k in ("gguf_file", "local_files_only")})
     net = AutoModelForCausalLM.from_pretrained(src, dtype=dt, **extra)
     if "device_map" not in extra:
         net.to(dev)
