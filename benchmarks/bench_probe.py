@@ -23,7 +23,8 @@ to them and say so.
 Time: one process, providers interleaved (the order rotates each round), ``--warmup``
 untimed rounds, then ``--repeats`` timed rounds (default 7 for the headline, 3 for a sweep
 point); the median is reported. The slow providers (EVA, KappaTune) skip the warm-up and run
-in ``--slow-rounds`` (default 3) of the timed rounds, spread evenly; the table says so. Memory: a fresh
+in ``--slow-rounds`` of the timed rounds (default 3 for the headline, 1 for a sweep point),
+spread evenly; the table says so. Memory: a fresh
 subprocess per provider loads the model, builds the inputs, then resets the kernel's
 high-water mark (``/proc/self/clear_refs``, so the transient peak of loading the model is
 not counted), runs the provider once and reads ``ru_maxrss``: the peak resident memory
@@ -94,8 +95,11 @@ DEFAULT_REPEATS = {"headline": 7}
 SWEEP_REPEATS = 3
 # Timed rounds of a slow provider (providers.py: ``slow``; EVA, KappaTune) unless
 # --slow-rounds says otherwise, without a warm-up round: they take tens of seconds a run,
-# so first-call effects are small against them, and 7+1 rounds of them would double the run.
+# so first-call effects are small against them, and 7+1 rounds of them would double the
+# headline. A sweep point gets one (KappaTune's SVDs of the 1B shape take minutes).
 SLOW_ROUNDS = 3
+DEFAULT_SLOW_ROUNDS = {"headline": SLOW_ROUNDS}
+SWEEP_SLOW_ROUNDS = 1
 
 
 def workloads() -> dict[str, list[dict]]:
@@ -625,9 +629,10 @@ def run_workload(name: str, args, mems: list[dict]) -> dict:
     t0 = time.perf_counter()
     warmup = args.warmup
     repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS.get(name, SWEEP_REPEATS)
+    slow_rounds = args.slow_rounds if args.slow_rounds is not None else DEFAULT_SLOW_ROUNDS.get(name, SWEEP_SLOW_ROUNDS)
     results = []
     for pt, mem in zip(points, mems):
-        results.append(run_point(pt, warmup, repeats, mem, slow_rounds=args.slow_rounds))
+        results.append(run_point(pt, warmup, repeats, mem, slow_rounds=slow_rounds))
         print(table(results[-1]), flush=True)
     payload = {"workload": name, "machine": m, "machine_line": machine_line(m), "loadavg_before": load0,
                "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
@@ -644,16 +649,16 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=None,
                     help=f"timed rounds (default {DEFAULT_REPEATS['headline']} for headline, {SWEEP_REPEATS} for the sweeps)")
-    ap.add_argument("--slow-rounds", type=int, default=SLOW_ROUNDS,
+    ap.add_argument("--slow-rounds", type=int, default=None,
                     help=f"timed rounds of the slow providers (EVA, KappaTune), at most --repeats, no warm-up "
-                         f"(default {SLOW_ROUNDS})")
+                         f"(default {SLOW_ROUNDS} for headline, {SWEEP_SLOW_ROUNDS} for the sweeps)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--suffix", default="", help="appended to the results file names (headline<suffix>.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    if args.warmup < 0 or (args.repeats is not None and args.repeats < 1) or args.slow_rounds < 1:
+    if args.warmup < 0 or (args.repeats is not None and args.repeats < 1) or (args.slow_rounds is not None and args.slow_rounds < 1):
         ap.error("--warmup must be >= 0, --repeats >= 1 and --slow-rounds >= 1")
     if args.child:
         print("CHILD_RESULT " + json.dumps(child_memory(json.loads(args.child))), flush=True)
