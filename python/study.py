@@ -218,9 +218,11 @@ def evaluate(model, tok, task: str, items: list[dict], enc: list[dict]) -> dict[
 
 
 # ------------------------------------------------------------------------------- train
-def train(model, enc: list[dict], pad_id: int, steps: int, batch_size: int, lr: float, seed: int, desc: str) -> list[float]:
+def train(model, enc: list[dict], pad_id: int, steps: int, batch_size: int, lr: float, seed: int, desc: str,
+          on_step=None) -> list[float]:
     """AdamW, linear warm-up over the first 10% of steps then linear decay to 0, grad-norm clip 1.
 
+    ``on_step``: called after every optimiser step (old_study_check.py tracks the adapter with it).
     Returns the training loss of every step.
     """
     from tqdm import tqdm
@@ -251,6 +253,8 @@ def train(model, enc: list[dict], pad_id: int, steps: int, batch_size: int, lr: 
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

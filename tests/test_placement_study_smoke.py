@@ -1,0 +1,139 @@
+"""The placement study (python/placement_study.py): parameter matching, and a --smoke run end to end.
+
+The arithmetic tests need no model: on SmolLM2's and Gemma 3 270M's real shapes the core
+test's single-module adapters are parameter-matched within 1.5% of the budget, and every
+budgeted arm stays within its budget. The smoke test runs the CLI in its CI configuration (a
+tiny random Llama with SmolLM2's tokenizer, every stage) twice: the second run must add no run
+(resume), and the report stage must write both tables and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+import placement_report  # noqa: E402
+import placement_study as ps  # noqa: E402
+
+# (in, out) per module type
+SMOLLM2 = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
+           "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}
+GEMMA3 = {"q_proj": (640, 1024), "k_proj": (640, 256), "v_proj": (640, 256), "o_proj": (1024, 640),
+          "gate_proj": (640, 2048), "up_proj": (640, 2048), "down_proj": (2048, 640)}
+
+
+def _pred(shapes: dict, layers: int) -> dict:
+    """A predictors file of a model with these shapes; PAGE falls with depth and type order."""
+    mods, k = {}, 0
+    for layer in range(layers):
+        for t, (n, m) in shapes.items():
+            k += 1
+            kind = "self_attn" if t[0] in "qkvo" else "mlp"
+            mods[f"model.layers.{layer}.{kind}.{t}"] = {"layer": layer, "type": t, "in": n, "out": m, "page": 1.0 / k,
+                                                        "page_rank": k}
+    return {"modules": mods}
+
+
+@pytest.mark.parametrize("shapes,layers,vanilla", [(SMOLLM2, 30, 2_442_240), (GEMMA3, 18, 1_898_496)],
+                         ids=["smollm2", "gemma3"])
+def test_core_adapters_are_parameter_matched(shapes, layers, vanilla):
+    pred = _pred(shapes, layers)
+    assert ps.vanilla_params(pred) == vanilla
+    budget = int(0.007 * vanilla)
+    picks = ps.core_modules(pred)
+    assert 14 <= len(picks) <= 16
+    reasons = " ".join(picks.values())
+    for what in ("PAGE rank 1", "PAGE rank 80", "median", "bottom", "shallow down_proj (layer 1)", "PLoP type v_proj"):
+        assert what in reasons
+    for name in picks:
+        ranks = ps.single(name, pred["modules"], budget)
+        params = ps.lora_params(ranks, pred["modules"])
+        assert abs(params / budget - 1) <= 0.015, (name, ranks, params, budget)
+
+
+@pytest.mark.parametrize("frac", [0.007, 0.05])
+def test_budget_arms_stay_within_budget(frac):
+    pred = _pred(SMOLLM2, 30)
+    mods = pred["modules"]
+    budget = int(frac * ps.vanilla_params(pred))
+    decisions = {"eva_ranks": {n: (16 if i % 7 == 0 else 4 if i % 3 == 0 else 0) for i, n in enumerate(mods)},
+                 "kappa_order": list(reversed(mods))}
+    for arm in ("plop_vod", "eva", "kappatune"):
+        ranks = ps.budget_arm(arm, pred, budget, decisions)
+        if arm == "plop_vod" and frac == 0.007:
+            assert isinstance(ranks, str) and "needs more than" in ranks  # 120,960 per rank > 17,095
+            continue
+        params = ps.lora_params(ranks, mods)
+        assert budget * 0.85 <= params <= budget, (arm, params, budget)
+    one = ps.budget_arm("page_top1", pred, budget, decisions)
+    assert list(one) == ["model.layers.0.self_attn.q_proj"]
+    assert abs(ps.lora_params(one, mods) / budget - 1) <= 0.04
+
+
+def test_fill_order_gives_the_rest_to_the_first_module_that_does_not_fit():
+    mods = {"a": {"in": 10, "out": 10}, "b": {"in": 5, "out": 5}, "c": {"in": 1, "out": 1}}
+    assert ps.fill_order(["a", "b", "c"], mods, 75, {"a": 2, "b": 8, "c": 8}) == {"a": 2, "b": 3}
+
+
+def test_paired_ci_and_spearman():
+    a = {0: [1.0, 2.0, 3.0], 1: [2.0, 3.0, 4.0]}
+    est, lo, hi = placement_report.paired_ci(a, {s: [x - 0.5 for x in v] for s, v in a.items()})
+    assert est == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    rho, lo, hi = placement_report.spearman_ci([1, 2, 3, 4, 5, 6], [2, 4, 6, 8, 10, 12])
+    assert rho == pytest.approx(1.0) and lo <= rho <= hi
+    assert placement_report.spearman([1, 2, 3], [6, 5, 4]) == pytest.approx(-1.0)
+
+
+def _smoke(out: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / "placement_study.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_smoke_runs_resumes_and_reports(tmp_path):
+    out = tmp_path / "ps"
+    _smoke(out)
+    fam = out / "tiny"
+    lines = (fam / "runs.jsonl").read_text().splitlines()
+    runs = [json.loads(x) for x in lines]
+    pred = json.loads((fam / "predictors_math.json").read_text())
+    mods = pred["modules"]
+    budget = int(0.25 * ps.vanilla_params(pred))
+    core = [r for r in runs if r["stage"] == "core" and r["arm"] != "base"]
+    assert {r["arm"] for r in core if r["phase"] == "test"} == set(ps.core_modules(pred))
+    for r in core:  # tiny model: rank units of 48-96 parameters against 2,048
+        assert r["params"] == ps.lora_params(r["ranks"], mods)
+        assert abs(r["params"] / budget - 1) <= 0.025, r["key"]
+    budget_test = {r["arm"] for r in runs if r["stage"] == "budget" and r["phase"] == "test"}
+    assert {f"{a}@0.25" for a in ps.BUDGET_ARMS} | set(ps.REFERENCE_ARMS) == budget_test
+    for r in runs:
+        if r["phase"] == "test":
+            assert len(r["test_losses"]) == 6 and len(r["metric_scores"]) == 2
+        else:
+            assert len(r["val_losses"]) == 4 and len(r["train_losses"]) == 2
+    trained = [r for r in runs if r["arm"] == "lora_all" and r["phase"] == "test"]
+    base = next(r for r in runs if r["arm"] == "base")
+    assert all(sum(r["test_losses"]) != sum(base["test_losses"]) for r in trained)  # training moved the loss
+
+    _smoke(out)  # resume: every run is found finished
+    assert (fam / "runs.jsonl").read_text().splitlines() == lines
+
+    corr = (fam / "correlation.md").read_text()
+    for name in placement_report.PREDICTOR_NAMES.values():
+        assert f"| tiny | math | {name} |" in corr
+    table = (fam / "budget.md").read_text()
+    assert "| tiny | math | page_budget@0.25 |" in table and "| tiny | math | lora_all |" in table
+    assert "Status: complete" in table
+    assert (fam / "predictors_vs_outcome.png").stat().st_size > 1000
+    report = json.loads((fam / "report.json").read_text())
+    assert len(report["correlation"]) == len(placement_report.PREDICTORS)
