@@ -156,7 +156,8 @@ def budget_rows(runs: list[dict]) -> list[dict]:
 def budget_table(family: str, rows: list[dict], vanilla_params: int | None) -> list[str]:
     lines = ["| family | task | arm | modules | params | % of vanilla | lr | seeds | loss drop [95% CI] | "
              "metric [95% CI] | Δ loss drop vs PAGE budget [95% CI] | Δ metric vs PAGE budget | "
-             "Δ loss drop vs vanilla LoRA | Δ metric vs vanilla LoRA |", "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
+             "Δ loss drop vs vanilla LoRA | Δ metric vs vanilla LoRA |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|---|"]
     for r in rows:
         pct = f"{100 * r['params'] / vanilla_params:.2f}%" if vanilla_params else "-"
         na = (float("nan"),) * 3

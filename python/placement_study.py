@@ -69,6 +69,7 @@ CORE_RANKS = (1, 2, 3, 5, 10, 20, 40, 80)
 SINGLE_ARMS = ("page_top1", "shallow_down", "random_module")
 BUDGET_ARMS = ("page_top1", "page_budget", "shallow_down", "random_module", "plop_vod", "eva", "kappatune")
 REFERENCE_ARMS = ("lora_all", "lora_qv")
+BUDGET_TASKS = study_tasks.TASKS
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Cfg:
     family: str
     out: Path
     tasks: list[str] = field(default_factory=lambda: list(study_tasks.TASKS))
+    budget_tasks: list[str] = field(default_factory=lambda: list(BUDGET_TASKS))  # of ``tasks``
     steps: int = 100
     batch_size: int = 4
     n_train: int = 400
@@ -103,10 +105,10 @@ class Cfg:
 
 def smoke_cfg(cfg: Cfg) -> Cfg:
     """A tiny Llama (SmolLM2's tokenizer, random weights), two tasks, 2 steps, a few items."""
-    # one budget of 25%: the tiny model's rank units (48-96 parameters) are too coarse for 0.7%,
-    # and v/o/down on every layer fits it
+    # one budget of 8% (655 parameters): the tiny model's rank units (48-96 parameters) are too
+    # coarse for 0.7%, its v_proj caps at rank 16 (768), and v/o/down on both layers fit at rank 1
     return replace(cfg, family="tiny", tasks=["math"], steps=2, batch_size=2, n_train=8, n_val=4, n_test=6,
-                   n_metric=2, n_probe=4, core_seeds=[0], budget_seeds=[0, 1], budgets=[0.25], lr_grid_points=2,
+                   n_metric=2, n_probe=4, core_seeds=[0], budget_seeds=[0, 1], budgets=[0.08], lr_grid_points=2,
                    max_extend=1, smoke=True)
 
 
@@ -567,7 +569,7 @@ def one_run(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], lr: float, se
     expected = lora_params(ranks, ctx.pred["modules"])
     if params != expected:
         raise RuntimeError(f"{arm}: {params} trainable parameters, expected sum r(n+m) = {expected}")
-    losses = [] if arm == "base" else train(model, ctx.data["train"], pad, cfg, lr, seed, f"{ctx.task}/{arm}/lr{lr:.3g}/s{seed}")
+    losses = [] if arm == "base" else trained(ctx, model, stage, arm, lr, seed, phase)
     train_s = time.time() - t0
     r = {"key": key, "family": cfg.family, "task": ctx.task, "stage": stage, "arm": arm, "lr": lr, "seed": seed,
          "phase": phase, "ranks": ranks, "params": params, "steps": cfg.steps, "batch_size": cfg.batch_size,
@@ -590,6 +592,29 @@ def one_run(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], lr: float, se
     return r
 
 
+def _state_path(ctx: Ctx, stage: str, arm: str, lr: float) -> Path:
+    name = Runs.key(ctx.task, stage, arm, lr, 0, "val").replace("|", "_").replace("@", "-")
+    return ctx.cfg.dir / "states" / f"{name}.pt"
+
+
+def trained(ctx: Ctx, model, stage: str, arm: str, lr: float, seed: int, phase: str) -> list[float]:
+    """Train ``model`` in place; returns its step losses. A seed-0 validation run keeps its adapter
+    in ``states/`` (deleted when used): the seed-0 test run at the rate picked is the same run
+    (same seed, data order and init), so it loads those weights instead of training again."""
+    path = _state_path(ctx, stage, arm, lr)
+    if phase == "test" and seed == 0 and path.exists():
+        saved = torch.load(path)
+        model.load_state_dict(saved["adapter"], strict=False)
+        path.unlink()
+        return saved["losses"]
+    desc = f"{ctx.task}/{arm}/lr{lr:.3g}/s{seed}"
+    losses = train(model, ctx.data["train"], ctx.render.tok.pad_token_id, ctx.cfg, lr, seed, desc)
+    if phase == "val" and seed == 0:
+        path.parent.mkdir(exist_ok=True)
+        torch.save({"adapter": {k: v for k, v in model.state_dict().items() if "lora_" in k}, "losses": losses}, path)
+    return losses
+
+
 def lr_grid(low: float, points: int) -> list[float]:
     """``points`` rates half a decade apart from ``low``."""
     return [low * 10 ** (0.5 * i) for i in range(points)]
@@ -599,18 +624,22 @@ def tune_lr(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], low: float) -
     """The rate of lowest mean validation loss (seed 0) on the grid; a pick at an edge extends
     the grid there, up to ``max_extend`` points. Returns ``(rate, notes on edge picks)``."""
     grid, notes = lr_grid(low, ctx.cfg.lr_grid_points), []
-    for _ in range(ctx.cfg.max_extend + 1):
+    for attempt in range(ctx.cfg.max_extend + 1):
         val = {lr: one_run(ctx, stage, arm, ranks, lr, 0, "val")["val_losses"] for lr in grid}
         score = {lr: (math.inf if any(map(math.isnan, v)) else sum(v) / len(v)) for lr, v in val.items()}
         best = min(grid, key=lambda lr: score[lr])
         if best not in (grid[0], grid[-1]):
-            return best, notes
-        step = 10 ** 0.5 if best == grid[-1] else 10 ** -0.5
-        notes.append(f"{arm}: pick {best:.3g} at the {'top' if step > 1 else 'bottom'} edge of "
-                     f"{[float(f'{g:.3g}') for g in grid]}")
-        grid = sorted(grid + [best * step])
-    notes.append(f"{arm}: still at an edge after {ctx.cfg.max_extend} extensions; kept {best:.3g}")
-    ctx.log(f"[{ctx.task}] {notes[-1]}")
+            break
+        top = best == grid[-1]
+        notes.append(f"{arm}: pick {best:.3g} at the {'top' if top else 'bottom'} edge of {[float(f'{g:.3g}') for g in grid]}")
+        if attempt == ctx.cfg.max_extend:
+            notes.append(f"{arm}: still at an edge after {ctx.cfg.max_extend} extensions; kept {best:.3g}")
+            ctx.log(f"[{ctx.task}] {notes[-1]}")
+            break
+        grid = sorted(grid + [best * 10 ** (0.5 if top else -0.5)])
+    for lr in grid:  # the adapters of the rates not picked are not needed
+        if lr != best:
+            _state_path(ctx, stage, arm, lr).unlink(missing_ok=True)
     return best, notes
 
 
@@ -701,9 +730,13 @@ def plan_runs(cfg: Cfg) -> list[dict]:
         mods = pred["modules"]
         picks = core_modules(pred)
         runs.append({"task": task, "stage": "core", "phase": "test", "k": 0})
-        for _ in dict.fromkeys(mods[n]["type"] for n in picks):
-            runs += [{"task": task, "stage": "core", "phase": "val", "k": 1}] * cfg.lr_grid_points
-        runs += [{"task": task, "stage": "core", "phase": "test", "k": 1}] * (len(picks) * len(cfg.core_seeds))
+        types = len(set(mods[n]["type"] for n in picks))
+        reused = types if 0 in cfg.core_seeds else 0  # seed-0 test runs of each type's tuned module
+        runs += [{"task": task, "stage": "core", "phase": "val", "k": 1}] * (types * cfg.lr_grid_points)
+        runs += [{"task": task, "stage": "core", "phase": "test", "k": 1}] * (len(picks) * len(cfg.core_seeds) - reused)
+        runs += [{"task": task, "stage": "core", "phase": "test", "k": 0}] * reused
+        if task not in cfg.budget_tasks:
+            continue
         decisions = json.loads(df.read_text()) if df.exists() else None
         vanilla = vanilla_params(pred)
         arms = [budget_arm(a, pred, int(b * vanilla), decisions) if decisions or a not in ("page_budget", "eva")
@@ -713,7 +746,9 @@ def plan_runs(cfg: Cfg) -> list[dict]:
             if isinstance(ranks, dict):
                 k = len(ranks) if "?" not in ranks else 8  # an unprobed budget plan: ~8 modules
                 runs += [{"task": task, "stage": "budget", "phase": "val", "k": k}] * cfg.lr_grid_points
-                runs += [{"task": task, "stage": "budget", "phase": "test", "k": k}] * len(cfg.budget_seeds)
+                reused = int(0 in cfg.budget_seeds)  # the seed-0 test run loads the grid's adapter
+                runs += [{"task": task, "stage": "budget", "phase": "test", "k": k}] * (len(cfg.budget_seeds) - reused)
+                runs += [{"task": task, "stage": "budget", "phase": "test", "k": 0}] * reused
     return runs
 
 
@@ -747,7 +782,13 @@ def print_plan(cfg: Cfg) -> dict:
         print(f"{task:<12} {stage:<7} {row['runs']:>5} {row['cpu_h']:>25.2f} {row['wall_h']:>22.2f}")
     tot = {k: sum(r[k] for r in rows.values()) for k in ("runs", "cpu_h", "wall_h")}
     print(f"{'total':<20} {tot['runs']:>5} {tot['cpu_h']:>25.2f} {tot['wall_h']:>22.2f}")
-    print("(plus up to 2 runs per learning-rate pick at a grid edge)")
+    print(f"(plus up to {cfg.max_extend} runs per learning-rate pick at a grid edge); budget stage on "
+          f"{', '.join(t for t in cfg.tasks if t in cfg.budget_tasks)}")
+    for task in cfg.tasks:
+        pred = json.loads((cfg.dir / f"predictors_{task}.json").read_text())
+        budget = int(cfg.budgets[0] * vanilla_params(pred))
+        dev = [lora_params(single(n, pred["modules"], budget), pred["modules"]) / budget - 1 for n in core_modules(pred)]
+        print(f"{task}: {len(dev)} core modules at {budget:,} parameters, matched within {min(dev):+.1%} .. {max(dev):+.1%}")
     return {"rows": {f"{t}|{s}": v for (t, s), v in rows.items()}, "total": tot}
 
 
@@ -781,13 +822,16 @@ def run_stages(cfg: Cfg, stages: list[str]) -> None:
         ctx = Ctx(cfg, base, render, task, data, pred, runs, log)
         if "core" in stages:
             stage_core(ctx)
-        if "budget" in stages:
+        if "budget" in stages and task in cfg.budget_tasks:
             stage_budget(ctx, decisions_for(base, pred, data, cfg, tok.pad_token_id, task, log))
     log(f"stages {stages} of {cfg.family} done")
 
 
 def _csv(kind):
     return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+SIZES = ("steps", "batch_size", "n_train", "n_val", "n_test", "n_metric", "n_probe", "threads", "lr_grid_points", "max_extend")
 
 
 def parse(argv=None) -> tuple[Cfg, list[str], bool]:
@@ -799,21 +843,22 @@ def parse(argv=None) -> tuple[Cfg, list[str], bool]:
     ap.add_argument("--smoke", action="store_true", help="CI: a tiny Llama, every stage, seconds")
     ap.add_argument("--out", type=Path, default=Path("python/results/placement"))
     ap.add_argument("--tasks", type=_csv(str), default=list(study_tasks.TASKS))
-    for name in ("steps", "batch_size", "n_train", "n_val", "n_test", "n_metric", "n_probe", "threads", "lr_grid_points", "max_extend"):
+    ap.add_argument("--budget-tasks", type=_csv(str), default=list(BUDGET_TASKS),
+                    help="the tasks of the budget stage (a cut: see --plan)")
+    for name in SIZES:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(Cfg, name))
     ap.add_argument("--core-seeds", type=_csv(int), default=[0])
     ap.add_argument("--budget-seeds", type=_csv(int), default=[0, 1, 2])
     ap.add_argument("--budgets", type=_csv(float), default=[0.007, 0.05], help="fractions of vanilla LoRA r=8")
     a = ap.parse_args(argv)
     stages = list(STAGES) if a.stage == ["all"] else a.stage
-    bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks if t not in study_tasks.TASKS]
+    bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks + a.budget_tasks if t not in study_tasks.TASKS]
     if bad:
         ap.error(f"unknown {bad}; stages: {', '.join(STAGES)}; tasks: {', '.join(study_tasks.TASKS)}")
     if min(a.steps, a.batch_size, a.n_val, a.n_test, a.n_metric, a.n_probe, a.lr_grid_points) < 1:
         ap.error("--steps, --batch-size, --n-val, --n-test, --n-metric, --n-probe and --lr-grid-points must be >= 1")
-    cfg = Cfg(family=a.family, out=a.out, tasks=a.tasks, core_seeds=a.core_seeds, budget_seeds=a.budget_seeds,
-              budgets=a.budgets, **{k: getattr(a, k) for k in ("steps", "batch_size", "n_train", "n_val", "n_test",
-                                                                "n_metric", "n_probe", "threads", "lr_grid_points", "max_extend")})
+    cfg = Cfg(family=a.family, out=a.out, tasks=a.tasks, budget_tasks=a.budget_tasks, core_seeds=a.core_seeds,
+              budget_seeds=a.budget_seeds, budgets=a.budgets, **{k: getattr(a, k) for k in SIZES})
     return (smoke_cfg(cfg) if a.smoke else cfg), (list(STAGES) if a.smoke else stages), a.plan
 
 

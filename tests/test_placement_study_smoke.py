@@ -108,14 +108,14 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
     runs = [json.loads(x) for x in lines]
     pred = json.loads((fam / "predictors_math.json").read_text())
     mods = pred["modules"]
-    budget = int(0.25 * ps.vanilla_params(pred))
+    budget = int(0.08 * ps.vanilla_params(pred))
     core = [r for r in runs if r["stage"] == "core" and r["arm"] != "base"]
     assert {r["arm"] for r in core if r["phase"] == "test"} == set(ps.core_modules(pred))
-    for r in core:  # tiny model: rank units of 48-96 parameters against 2,048
+    for r in core:  # tiny model: rank units of 48-96 parameters against 655: within 3%
         assert r["params"] == ps.lora_params(r["ranks"], mods)
-        assert abs(r["params"] / budget - 1) <= 0.025, r["key"]
+        assert abs(r["params"] / budget - 1) <= 0.03, r["key"]
     budget_test = {r["arm"] for r in runs if r["stage"] == "budget" and r["phase"] == "test"}
-    assert {f"{a}@0.25" for a in ps.BUDGET_ARMS} | set(ps.REFERENCE_ARMS) == budget_test
+    assert {f"{a}@0.08" for a in ps.BUDGET_ARMS} | set(ps.REFERENCE_ARMS) == budget_test
     for r in runs:
         if r["phase"] == "test":
             assert len(r["test_losses"]) == 6 and len(r["metric_scores"]) == 2
@@ -132,7 +132,7 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
     for name in placement_report.PREDICTOR_NAMES.values():
         assert f"| tiny | math | {name} |" in corr
     table = (fam / "budget.md").read_text()
-    assert "| tiny | math | page_budget@0.25 |" in table and "| tiny | math | lora_all |" in table
+    assert "| tiny | math | page_budget@0.08 |" in table and "| tiny | math | lora_all |" in table
     assert "Status: complete" in table
     assert (fam / "predictors_vs_outcome.png").stat().st_size > 1000
     report = json.loads((fam / "report.json").read_text())
