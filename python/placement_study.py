@@ -69,7 +69,11 @@ CORE_RANKS = (1, 2, 3, 5, 10, 20, 40, 80)
 SINGLE_ARMS = ("page_top1", "shallow_down", "random_module")
 BUDGET_ARMS = ("page_top1", "page_budget", "shallow_down", "random_module", "plop_vod", "eva", "kappatune")
 REFERENCE_ARMS = ("lora_all", "lora_qv")
-BUDGET_TASKS = study_tasks.TASKS
+# The cut that fits a family into about 3 hours of one idle core (see README / --plan): the core
+# test on the two tasks whose metrics did not saturate in the old study (chat and code reached
+# 1.000 for vanilla LoRA), the equal-budget comparison on maths. The probe runs on all four.
+CORE_TASKS = ("math", "instruction")
+BUDGET_TASKS = ("math",)
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Cfg:
     family: str
     out: Path
     tasks: list[str] = field(default_factory=lambda: list(study_tasks.TASKS))
+    core_tasks: list[str] = field(default_factory=lambda: list(CORE_TASKS))  # of ``tasks``
     budget_tasks: list[str] = field(default_factory=lambda: list(BUDGET_TASKS))  # of ``tasks``
     steps: int = 100
     batch_size: int = 4
@@ -96,6 +101,7 @@ class Cfg:
     lr_grid_points: int = 4
     max_extend: int = 2
     threads: int = 1
+    cost_scale: float = 1.0  # --plan: factor on the measured CPU seconds (e.g. from a loaded to an idle core)
     smoke: bool = False
 
     @property
@@ -104,10 +110,10 @@ class Cfg:
 
 
 def smoke_cfg(cfg: Cfg) -> Cfg:
-    """A tiny Llama (SmolLM2's tokenizer, random weights), two tasks, 2 steps, a few items."""
+    """A tiny Llama (SmolLM2's tokenizer, random weights), maths only, 2 steps, a few items."""
     # one budget of 8% (655 parameters): the tiny model's rank units (48-96 parameters) are too
     # coarse for 0.7%, its v_proj caps at rank 16 (768), and v/o/down on both layers fit at rank 1
-    return replace(cfg, family="tiny", tasks=["math"], steps=2, batch_size=2, n_train=8, n_val=4, n_test=6,
+    return replace(cfg, family="tiny", tasks=["math"], core_tasks=["math"], budget_tasks=["math"], steps=2, batch_size=2, n_train=8, n_val=4, n_test=6,
                    n_metric=2, n_probe=4, core_seeds=[0], budget_seeds=[0, 1], budgets=[0.08], lr_grid_points=2,
                    max_extend=1, smoke=True)
 
@@ -728,10 +734,12 @@ def plan_runs(cfg: Cfg) -> list[dict]:
             raise FileNotFoundError(f"{pf} is missing: run --stage probe for {cfg.family} first")
         pred = json.loads(pf.read_text())
         mods = pred["modules"]
-        picks = core_modules(pred)
-        runs.append({"task": task, "stage": "core", "phase": "test", "k": 0})
+        picks = core_modules(pred) if task in cfg.core_tasks else {}
+        runs += [{"task": task, "stage": "core", "phase": "test", "k": 0}] * (len(cfg.core_seeds) if picks else 0)
         types = len(set(mods[n]["type"] for n in picks))
-        reused = types if 0 in cfg.core_seeds else 0  # seed-0 test runs of each type's tuned module
+        reused = types if 0 in cfg.core_seeds else 0
+        if task in cfg.budget_tasks:  # the base model's metric on each budget seed's items
+            runs += [{"task": task, "stage": "budget", "phase": "test", "k": 0}] * len(cfg.budget_seeds)  # seed-0 test runs of each type's tuned module
         runs += [{"task": task, "stage": "core", "phase": "val", "k": 1}] * (types * cfg.lr_grid_points)
         runs += [{"task": task, "stage": "core", "phase": "test", "k": 1}] * (len(picks) * len(cfg.core_seeds) - reused)
         runs += [{"task": task, "stage": "core", "phase": "test", "k": 0}] * reused
@@ -739,12 +747,15 @@ def plan_runs(cfg: Cfg) -> list[dict]:
             continue
         decisions = json.loads(df.read_text()) if df.exists() else None
         vanilla = vanilla_params(pred)
-        arms = [budget_arm(a, pred, int(b * vanilla), decisions) if decisions or a not in ("page_budget", "eva")
-                else {"?": 1} for b in cfg.budgets for a in BUDGET_ARMS]
+        # before --stage budget has computed them, a data-driven plan is counted as the number of
+        # rank-8 modules of mean size the budget buys
+        mean_unit = vanilla / len(mods)
+        arms = [budget_arm(a, pred, int(b * vanilla), decisions) if decisions or a not in ("page_budget", "eva", "kappatune")
+                else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS]
         arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS]
         for ranks in arms:
             if isinstance(ranks, dict):
-                k = len(ranks) if "?" not in ranks else 8  # an unprobed budget plan: ~8 modules
+                k = ranks.get("?", len(ranks))
                 runs += [{"task": task, "stage": "budget", "phase": "val", "k": k}] * cfg.lr_grid_points
                 reused = int(0 in cfg.budget_seeds)  # the seed-0 test run loads the grid's adapter
                 runs += [{"task": task, "stage": "budget", "phase": "test", "k": k}] * (len(cfg.budget_seeds) - reused)
@@ -772,19 +783,21 @@ def print_plan(cfg: Cfg) -> dict:
         k = (r["task"], r["stage"])
         row = rows.setdefault(k, {"runs": 0, "cpu_h": 0.0, "wall_h": 0.0})
         row["runs"] += 1
-        row["cpu_h"] += run_seconds(r, cfg, cost, "cpu") / 3600
+        row["cpu_h"] += cfg.cost_scale * run_seconds(r, cfg, cost, "cpu") / 3600
         row["wall_h"] += run_seconds(r, cfg, cost, "wall") / 3600
     print(f"plan for {cfg.family}: {cfg.steps} steps x batch {cfg.batch_size}, {cfg.n_test} test items, "
           f"{cfg.n_metric} metric items/seed, grid {cfg.lr_grid_points} points; cost.json measured at load "
           f"{cost['load_avg_start']:.1f}-{cost['load_avg_end']:.1f}, {cost['threads']} thread(s)")
-    print(f"{'task':<12} {'stage':<7} {'runs':>5} {'h (CPU time = idle core)':>25} {'h (wall at that load)':>22}")
+    scale = f" x {cfg.cost_scale:g}" if cfg.cost_scale != 1 else ""
+    print(f"{'task':<12} {'stage':<7} {'runs':>5} {'h (CPU time' + scale + ')':>25} {'h (wall at that load)':>22}")
     for (task, stage), row in rows.items():
         print(f"{task:<12} {stage:<7} {row['runs']:>5} {row['cpu_h']:>25.2f} {row['wall_h']:>22.2f}")
     tot = {k: sum(r[k] for r in rows.values()) for k in ("runs", "cpu_h", "wall_h")}
     print(f"{'total':<20} {tot['runs']:>5} {tot['cpu_h']:>25.2f} {tot['wall_h']:>22.2f}")
     print(f"(plus up to {cfg.max_extend} runs per learning-rate pick at a grid edge); budget stage on "
-          f"{', '.join(t for t in cfg.tasks if t in cfg.budget_tasks)}")
-    for task in cfg.tasks:
+          f"{', '.join(t for t in cfg.tasks if t in cfg.budget_tasks)}; core stage on "
+          f"{', '.join(t for t in cfg.tasks if t in cfg.core_tasks)}")
+    for task in [t for t in cfg.tasks if t in cfg.core_tasks]:
         pred = json.loads((cfg.dir / f"predictors_{task}.json").read_text())
         budget = int(cfg.budgets[0] * vanilla_params(pred))
         dev = [lora_params(single(n, pred["modules"], budget), pred["modules"]) / budget - 1 for n in core_modules(pred)]
@@ -820,7 +833,7 @@ def run_stages(cfg: Cfg, stages: list[str]) -> None:
         if "measure" in stages and task == cfg.tasks[0]:
             measure(base, render, data, cfg, log)
         ctx = Ctx(cfg, base, render, task, data, pred, runs, log)
-        if "core" in stages:
+        if "core" in stages and task in cfg.core_tasks:
             stage_core(ctx)
         if "budget" in stages and task in cfg.budget_tasks:
             stage_budget(ctx, decisions_for(base, pred, data, cfg, tok.pad_token_id, task, log))
@@ -843,22 +856,27 @@ def parse(argv=None) -> tuple[Cfg, list[str], bool]:
     ap.add_argument("--smoke", action="store_true", help="CI: a tiny Llama, every stage, seconds")
     ap.add_argument("--out", type=Path, default=Path("python/results/placement"))
     ap.add_argument("--tasks", type=_csv(str), default=list(study_tasks.TASKS))
+    ap.add_argument("--core-tasks", type=_csv(str), default=list(CORE_TASKS),
+                    help="the tasks of the core stage (a cut: see --plan)")
     ap.add_argument("--budget-tasks", type=_csv(str), default=list(BUDGET_TASKS),
                     help="the tasks of the budget stage (a cut: see --plan)")
     for name in SIZES:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(Cfg, name))
     ap.add_argument("--core-seeds", type=_csv(int), default=[0])
     ap.add_argument("--budget-seeds", type=_csv(int), default=[0, 1, 2])
+    ap.add_argument("--cost-scale", type=float, default=1.0,
+                    help="--plan: multiply cost.json's CPU seconds by this (cost.json measured on a loaded machine)")
     ap.add_argument("--budgets", type=_csv(float), default=[0.007, 0.05], help="fractions of vanilla LoRA r=8")
     a = ap.parse_args(argv)
     stages = list(STAGES) if a.stage == ["all"] else a.stage
-    bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks + a.budget_tasks if t not in study_tasks.TASKS]
+    bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks + a.core_tasks + a.budget_tasks
+                                                          if t not in study_tasks.TASKS]
     if bad:
         ap.error(f"unknown {bad}; stages: {', '.join(STAGES)}; tasks: {', '.join(study_tasks.TASKS)}")
     if min(a.steps, a.batch_size, a.n_val, a.n_test, a.n_metric, a.n_probe, a.lr_grid_points) < 1:
         ap.error("--steps, --batch-size, --n-val, --n-test, --n-metric, --n-probe and --lr-grid-points must be >= 1")
-    cfg = Cfg(family=a.family, out=a.out, tasks=a.tasks, budget_tasks=a.budget_tasks, core_seeds=a.core_seeds,
-              budget_seeds=a.budget_seeds, budgets=a.budgets, **{k: getattr(a, k) for k in SIZES})
+    cfg = Cfg(family=a.family, out=a.out, tasks=a.tasks, core_tasks=a.core_tasks, budget_tasks=a.budget_tasks, core_seeds=a.core_seeds,
+              budget_seeds=a.budget_seeds, budgets=a.budgets, cost_scale=a.cost_scale, **{k: getattr(a, k) for k in SIZES})
     return (smoke_cfg(cfg) if a.smoke else cfg), (list(STAGES) if a.smoke else stages), a.plan
 
 
