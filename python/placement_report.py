@@ -11,6 +11,9 @@ of one family (see ``placement_study.py``) and writes into the same folder:
 - ``predictors_vs_outcome.png``: each predictor against the loss drop, per task;
 - ``report.json``: every number of the tables.
 
+``combine(OUT)`` then joins the families' tables into ``OUT/correlation.md`` and ``OUT/budget.md``
+(predictor x family x task), each family under its own status line.
+
 Everything finished is used; the header says how many of the planned runs that is, so a
 partial report is labelled as such.
 """
@@ -123,6 +126,32 @@ def correlation_table(family: str, rows: dict[str, list[dict]]) -> tuple[list[st
     return lines, out
 
 
+TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def probe_lines(family: str, preds: dict[str, dict]) -> list[str]:
+    """Is PAGE concentrated, and where? Per task, from the probes alone (no training)."""
+    lines = ["| family | task | top-1 module (share) | top-10 share | PAGE share by type (" + ", ".join(TYPES)
+             + ") | share of parameters by type | rho(PAGE, expected PAGE) | rho(PAGE, full-gradient energy) "
+             "| rho between A seeds (min) |", "|---|---|---|---:|---|---|---:|---:|---:|"]
+    for task, pred in preds.items():
+        mods = pred["modules"]
+        page = np.array([m["page"] for m in mods.values()])
+        share = page / page.sum()
+        order = np.argsort(-share)
+        top = list(mods)[order[0]]
+        size = {n: m["in"] + m["out"] for n, m in mods.items()}
+        by_type = [sum(share[i] for i, m in enumerate(mods.values()) if m["type"] == t) for t in TYPES]
+        par_type = [sum(v for n, v in size.items() if mods[n]["type"] == t) / sum(size.values()) for t in TYPES]
+        seeds = np.array([m["page_by_seed"] for m in mods.values()]).T
+        seed_rho = min(spearman(seeds[i], seeds[j]) for i in range(len(seeds)) for j in range(i + 1, len(seeds)))
+        col = lambda k: np.array([m[k] for m in mods.values()])  # noqa: E731
+        lines.append(f"| {family} | {task} | {top} ({share[order[0]]:.3f}) | {share[order[:10]].sum():.3f} | "
+                     f"{' / '.join(f'{x:.2f}' for x in by_type)} | {' / '.join(f'{x:.2f}' for x in par_type)} | "
+                     f"{spearman(page, col('page_expected')):.3f} | {spearman(page, col('full_grad')):.3f} | {seed_rho:.3f} |")
+    return lines
+
+
 def budget_rows(runs: list[dict]) -> list[dict]:
     """One row per (task, budget arm or reference) with finished test runs."""
     test = [r for r in runs if r["stage"] == "budget" and r["phase"] == "test"]
@@ -215,6 +244,10 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False)
               + "; every number below is from the finished runs only")
     head = [f"# Placement study, {family}{' (smoke: a tiny random Llama, numbers mean nothing)' if smoke else ''}", "",
             f"Status: {status}.", ""]
+    (fam_dir / "probe.md").write_text("\n".join([
+        f"# PAGE probes, {family}: concentration, by type, and agreement of the predictors", "",
+        "Spearman's rho over all candidate modules; probe on each task's first 64 train items, rank 8, "
+        "A seeds 0-2.", ""] + probe_lines(family, preds)) + "\n")
     crow = core_rows(runs, preds)
     clines, cnums = correlation_table(family, crow)
     (fam_dir / "correlation.md").write_text("\n".join(head + [
@@ -230,3 +263,18 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False)
               "core_rows": crow}
     (fam_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
     return report
+
+
+def combine(out: Path) -> None:
+    """``OUT/correlation.md`` and ``OUT/budget.md``: every family's table, with its status."""
+    out = Path(out)
+    for name in ("correlation.md", "budget.md"):
+        parts = []
+        for fam in sorted(p for p in out.iterdir() if (p / name).is_file()):
+            lines = (fam / name).read_text().splitlines()
+            status = next((x for x in lines if x.startswith("Status:")), "Status: unknown")
+            table = [x for x in lines if x.startswith("|")]
+            parts += [f"## {fam.name}", "", status, ""] + table + [""]
+        if parts:
+            title = "Correlation of the predictors with the gain" if name == "correlation.md" else "Equal budgets"
+            (out / name).write_text("\n".join([f"# Placement study: {title}, all families", ""] + parts))

@@ -896,6 +896,8 @@ def main(argv=None) -> None:
             except FileNotFoundError:
                 planned = None
             placement_report.write_report(c.dir, planned=planned, smoke=c.smoke)
+    if "report" in stages and not plan:
+        placement_report.combine(cfg.out)
 
 
 if __name__ == "__main__":
