@@ -173,3 +173,19 @@ def projected_energy_triton(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         num_warps=4,
     )
     return part.sum(dim=1)
+
+
+def compile_variants():
+    """Every launch configuration of :func:`projected_energy_triton`, for
+    ``compile_check``: each tile set of :func:`_tiles`, each dtype pairing, padded and varlen."""
+    from .compile_check import Variant
+
+    out = []
+    for bt, bm, br in dict.fromkeys(_tiles(r) for r in range(1, 257)):
+        for a, b in (("f32", "f32"), ("bf16", "bf16"), ("f16", "f16"), ("bf16", "f32")):
+            cast = a != b or a == "f32"
+            for varlen in (False, True):
+                label = f"projected BM{bm} BR{br} BT{bt} {'varlen' if varlen else 'padded'}"
+                cx = (("IS_VARLEN", varlen), ("CAST_F32", cast), ("BT", bt), ("BM", bm), ("BR", br))
+                out.append(Variant("projected_energy_triton:projected_energy_kernel", label, (a, b), cx, ("s_um", "s_vr"), 4))
+    return out

@@ -287,3 +287,18 @@ def weight_grad_energy_triton(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torc
         ids_t = torch.tensor(ids, dtype=torch.int32, device=d.device)
         out[ids_t.long()] = _launch(d, x, cu_seqlens, ids_t, len(ids), t_max, 0, strides, gram, is_varlen=True)
     return out
+
+
+def compile_variants():
+    """Every launch configuration of :func:`weight_grad_energy_triton`, for ``compile_check``."""
+    from .compile_check import Variant
+
+    out = []
+    for name, tiles in (("direct", _DIRECT_TILES), ("gram", _GRAM_TILES)):
+        for a, b in (("f32", "f32"), ("bf16", "bf16"), ("f16", "f16"), ("bf16", "f32")):
+            cast = a != b or a == "f32"
+            for varlen in (False, True):
+                label = f"{name} " + " ".join(f"{k}{v}" for k, v in tiles.items()) + (" varlen" if varlen else " padded")
+                cx = (("IS_VARLEN", varlen), ("CAST_F32", cast), *tiles.items())
+                out.append(Variant(f"weight_grad_energy_triton:weight_grad_energy_{name}_kernel", label, (a, b), cx, ("s_dm", "s_xn"), 4))
+    return out
