@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import energies, ops
+from . import energies, ops, packing
 from .frozen import frozen_eval
 from .losses import causal_lm_losses, default_labels
 from .candidates import Candidate, find_candidates
@@ -534,11 +534,7 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
         try:
             probe.active = True
             for i, batch in enumerate(batches):
-                if loss_fn is None:
-                    _check_batch(batch, i)
-                    losses = _default_loss(model, batch, device, num_samples)
-                else:
-                    losses = loss_fn(model, batch)
+                losses = _batch_losses(model, batch, i, loss_fn, device, num_samples)
                 _check_losses(losses, i)
                 probe.batch_size = losses.numel()
                 losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
@@ -553,6 +549,23 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
             for h in handles:
                 h.remove()
     return num_samples, num_batches
+
+
+def _batch_losses(model, batch, index: int, loss_fn, device, first_sample: int) -> torch.Tensor:
+    """The batch's per-sample losses: ``loss_fn``'s, or the causal-LM losses of the batch,
+    whose packed rows (several samples per row) are measured as the samples they hold."""
+    if loss_fn is not None:
+        if isinstance(batch, Mapping) and packing.is_packed(batch):
+            raise ValueError(
+                f"batch {index} is packed (position_ids restart inside a row) and a loss_fn was given: the probe "
+                f"measures one sample per row, so give loss_fn one sample per row (domlora_kernels.packing.unpack "
+                f"does that), or drop loss_fn and let the probe unpack the batch itself"
+            )
+        return loss_fn(model, batch)
+    _check_batch(batch, index)
+    if packing.is_packed(batch):
+        batch = packing.unpack(batch, index)
+    return _default_loss(model, batch, device, first_sample)
 
 
 def _check_losses(losses: Any, index: int) -> None:

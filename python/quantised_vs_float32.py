@@ -7,10 +7,12 @@
 
 Run from the repository root (CPU: several minutes, most of it quantising the model on load):
     PYTHONPATH=$PWD python python/quantised_vs_float32.py > python/results/quantised_vs_float32.txt
+``--num-samples N`` uses the first N shipped samples (the four tasks interleaved).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,15 +31,20 @@ RANK, ALPHA, ORACLE_SAMPLES = 8, 16, 4
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-samples", type=int, default=None, help="first N shipped samples (default: all 48)")
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+    records = load_calibration()[: args.num_samples]
     t0 = time.perf_counter()
     f32, tok = load_model()
     q4, _ = load_model(load_in_4bit=True)
     print(f"loaded float32 and 4-bit SmolLM2 in {time.perf_counter() - t0:.0f} s; "
           f"4-bit layer: {type(q4.model.layers[0].mlp.down_proj).__name__}")
-    batches = make_batches(load_calibration(), tok, batch_size=8, max_length=256)
+    batches = make_batches(records, tok, batch_size=8, max_length=args.max_length)
     kw = dict(rank=RANK, lora_alpha=ALPHA, progress=False)
 
-    few = make_batches(load_calibration()[:ORACLE_SAMPLES], tok, batch_size=2, max_length=256)
+    few = make_batches(records[:ORACLE_SAMPLES], tok, batch_size=2, max_length=args.max_length)
     got = page_scores(q4, few, **kw)
     s32 = page_scores(f32, batches, **kw)
     s4 = page_scores(q4, batches, **kw)
