@@ -66,6 +66,7 @@ STAGES = ("probe", "measure", "core", "budget", "report")
 RANDOM_MODULE_SEED = 1234
 PLOP_TYPES = ("v_proj", "o_proj", "down_proj")
 CORE_RANKS = (1, 2, 3, 5, 10, 20, 40, 80)
+METRIC_SEEDS = 3  # seeds 0-2 each grade their own n_metric items
 SINGLE_ARMS = ("page_top1", "shallow_down", "random_module")
 BUDGET_ARMS = ("page_top1", "page_budget", "shallow_down", "random_module", "plop_vod", "eva", "kappatune")
 REFERENCE_ARMS = ("lora_all", "lora_qv")
@@ -199,7 +200,10 @@ def make_data(task: str, cfg: Cfg, render: Render, seeds: list[int]) -> dict[str
     One disjoint draw of :func:`study_tasks.make_splits`; the metric pool follows the test
     items, ``n_metric`` per seed, so every seed grades items no run trained on and no other seed saw.
     """
-    n_pool = cfg.n_test + cfg.n_metric * (max(seeds) + 1)
+    if max(seeds) >= METRIC_SEEDS or min(seeds) < 0:
+        raise ValueError(f"seeds must be in 0..{METRIC_SEEDS - 1}, got {seeds}: the item pool (and so the train "
+                         f"split every finished run used) is sized for {METRIC_SEEDS} seeds")
+    n_pool = cfg.n_test + cfg.n_metric * METRIC_SEEDS  # fixed: the train split must not move with the seeds
     sp = study_tasks.make_splits(task, cfg.n_train, cfg.n_val, n_pool, seed=0)
     data = {"items_" + k: v for k, v in sp.items()}
     data["items_metric"] = {s: sp["test"][cfg.n_test + s * cfg.n_metric:cfg.n_test + (s + 1) * cfg.n_metric] for s in seeds}
@@ -819,10 +823,25 @@ def make_logger(cfg: Cfg):
     return log
 
 
+DATA_SIZES = ("steps", "batch_size", "n_train", "n_val", "n_test", "n_metric", "n_probe", "max_length")
+
+
+def check_sizes(cfg: Cfg) -> None:
+    """The sizes that define the items and the training of every run are fixed per family folder
+    (``sizes.json``): a resumed study with other sizes would mix runs on other data."""
+    path = cfg.dir / "sizes.json"
+    sizes = {k: getattr(cfg, k) for k in DATA_SIZES}
+    if path.exists() and json.loads(path.read_text()) != sizes:
+        raise ValueError(f"{path} records {path.read_text().strip()} but this run has {sizes}; "
+                         "use the recorded sizes or another --out")
+    path.write_text(json.dumps(sizes))
+
+
 def run_stages(cfg: Cfg, stages: list[str]) -> None:
     torch.set_num_threads(cfg.threads)
     log = make_logger(cfg)
     log(f"stages {stages} of {cfg.family}: {cfg}")
+    check_sizes(cfg)
     base, tok = load_family(cfg.family)
     render = Render(tok, cfg.max_length)
     runs = Runs(cfg.dir / "runs.jsonl")

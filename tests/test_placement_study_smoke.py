@@ -137,3 +137,14 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
     assert (fam / "predictors_vs_outcome.png").stat().st_size > 1000
     report = json.loads((fam / "report.json").read_text())
     assert len(report["correlation"]) == len(placement_report.PREDICTORS)
+
+
+def test_a_resumed_study_keeps_its_sizes_and_seed_pool(tmp_path):
+    cfg = ps.Cfg(family="smollm2", out=tmp_path)
+    cfg.dir.mkdir(parents=True)
+    ps.check_sizes(cfg)
+    ps.check_sizes(cfg)  # same sizes: fine
+    with pytest.raises(ValueError, match="sizes.json records"):
+        ps.check_sizes(ps.replace(cfg, n_test=100))
+    with pytest.raises(ValueError, match="seeds must be in 0..2"):
+        ps.make_data("math", cfg, None, [0, 3])
