@@ -204,7 +204,7 @@ def make_data(task: str, cfg: Cfg, render: Render, seeds: list[int]) -> dict[str
         raise ValueError(f"seeds must be in 0..{METRIC_SEEDS - 1}, got {seeds}: the item pool (and so the train "
                          f"split every finished run used) is sized for {METRIC_SEEDS} seeds")
     n_pool = cfg.n_test + cfg.n_metric * METRIC_SEEDS  # fixed: the train split must not move with the seeds
-    sp = study_tasks.make_splits(task, cfg.n_train, cfg.n_val, n_pool, seed=0)
+    sp = study_tasks.make_splits(task, cfg.n_train, cfg.n_val, n_pool, seed=0, version=2)
     data = {"items_" + k: v for k, v in sp.items()}
     data["items_metric"] = {s: sp["test"][cfg.n_test + s * cfg.n_metric:cfg.n_test + (s + 1) * cfg.n_metric] for s in seeds}
     data["items_test"] = sp["test"][:cfg.n_test]

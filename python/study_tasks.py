@@ -94,7 +94,28 @@ _KEYS = ["count", "score", "level", "total", "age", "size"]
 
 
 def _instruction_item(rng: random.Random) -> dict:
-    kind = rng.randrange(5)
+    return _instruction_kind(rng, rng.randrange(5))
+
+
+def _instruction_item_v2(rng: random.Random) -> dict:
+    """Version 2: the five kinds of version 1 plus two with many distinct prompts (sorting 3-4
+    words; a JSON list of a range), for splits larger than version 1's 738 distinct prompts."""
+    kind = rng.randrange(7)
+    if kind < 5:
+        return _instruction_kind(rng, kind)
+    if kind == 5:
+        words = rng.sample(_WORDS, rng.randint(3, 4))
+        q = f"Sort these words alphabetically, one per line, nothing else: {', '.join(words)}."
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "\n".join(sorted(words))}],
+                "check": {"kind": "sorted", "words": sorted(words)}}
+    a = rng.randint(1, 40)
+    b = a + rng.randint(2, 5)
+    q = f"Return a JSON list of the whole numbers from {a} to {b}, inclusive. No other text."
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": json.dumps(list(range(a, b + 1)))}],
+            "check": {"kind": "json_range", "a": a, "b": b}}
+
+
+def _instruction_kind(rng: random.Random, kind: int) -> dict:
     if kind == 0:
         w = rng.choice(_WORDS)
         q = f"Reply with the word '{w}' in capital letters and nothing else."
@@ -139,6 +160,13 @@ def _check_instruction(check: dict, out: str) -> float:
         ok = "\n" not in out and out.endswith("!") and check["word"] in words and len(words) <= 25
     elif kind == "repeat":
         ok = out.split(" ") == [check["word"]] * check["n"]
+    elif kind == "sorted":
+        ok = [x.strip() for x in out.split("\n") if x.strip()] == check["words"]
+    elif kind == "json_range":
+        try:
+            ok = json.loads(out) == list(range(check["a"], check["b"] + 1))
+        except ValueError:
+            ok = False
     else:
         raise ValueError(f"unknown instruction check kind {kind!r}")
     return float(ok)
@@ -250,12 +278,18 @@ _CHECKERS: dict[str, Callable[[dict, str], float]] = {
 }
 
 
+# Version 2 of the generators (make_splits(version=2), the placement study): instruction gets two
+# more kinds; the other families are unchanged. Version 1 keeps the old study's items exactly.
+_GENERATORS_V2 = {**_GENERATORS, "instruction": _instruction_item_v2}
+
+
 def _check_task(task: str) -> None:
     if task not in _GENERATORS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
-def make_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0) -> dict[str, list[dict]]:
+def make_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0,
+                version: int = 1) -> dict[str, list[dict]]:
     """Disjoint ``train`` / ``val`` / ``test`` lists of items of one family.
 
     Items are drawn from ``random.Random(seed)`` and kept only if their full conversation is new,
@@ -265,6 +299,8 @@ def make_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0)
         task: one of :data:`TASKS`.
         n_train, n_val, n_test: split sizes (>= 0; test >= 1).
         seed: generator seed (default 0).
+        version: 1 (the old study's items) or 2 (instruction with two more kinds, for large splits,
+            its distinct items shuffled before slicing; the other families as in version 1).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` of items (see module docstring).
@@ -272,10 +308,13 @@ def make_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0)
     _check_task(task)
     if min(n_train, n_val) < 0 or n_test < 1:
         raise ValueError(f"split sizes must be >= 0 (test >= 1), got train={n_train} val={n_val} test={n_test}")
+    if version not in (1, 2):
+        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    gen = (_GENERATORS if version == 1 else _GENERATORS_V2)[task]
     rng = random.Random(f"{task}-{seed}")
     need, seen, items = n_train + n_val + n_test, set(), []
     for _ in range(need * 200):
-        it = _GENERATORS[task](rng)
+        it = gen(rng)
         key = json.dumps(it["messages"][:-1])  # the prompt side: the test never repeats a trained prompt
         if key not in seen:
             seen.add(key)
@@ -284,6 +323,8 @@ def make_splits(task: str, n_train: int, n_val: int, n_test: int, seed: int = 0)
                 break
     else:
         raise ValueError(f"{task}: could only draw {len(items)} distinct items, asked for {need}; lower the split sizes")
+    if version == 2 and task == "instruction":
+        rng.shuffle(items)  # its small kinds (12-72 prompts) run out first: mix them into every split
     return {"test": items[:n_test], "val": items[n_test:n_test + n_val], "train": items[n_test + n_val:]}
 
 

@@ -123,3 +123,22 @@ def test_smoke_run(tmp_path):
         assert f"| {m} |" in table
     assert (out / "curves.png").stat().st_size > 1000
     print(f"smoke run wall time {wall:.0f}s")
+
+
+def test_version_2_gives_instruction_enough_items_and_keeps_version_1():
+    # the placement study needs 400 + 100 + 800 distinct instruction items; version 1 has 738
+    with pytest.raises(ValueError, match="could only draw 738"):
+        study_tasks.make_splits("instruction", 400, 100, 800)
+    sp = study_tasks.make_splits("instruction", 400, 100, 800, version=2)
+    kinds = {k: {it["check"]["kind"] for it in v} for k, v in sp.items()}
+    assert {"sorted", "json_range", "json"} <= kinds["train"] and kinds["test"] >= {"sorted", "json_range", "repeat"}
+    for it in sp["train"] + sp["test"]:
+        assert study_tasks.score_answer("instruction", it, it["messages"][-1]["content"]) == 1.0
+    assert study_tasks.score_answer("instruction", {"check": {"kind": "sorted", "words": ["a", "b"]}}, "b\na") == 0.0
+    assert study_tasks.score_answer("instruction", {"check": {"kind": "json_range", "a": 1, "b": 3}}, "[1, 2]") == 0.0
+    # the other families and version 1 are what the old study drew
+    assert study_tasks.make_splits("math", 40, 5, 10, version=2) == study_tasks.make_splits("math", 40, 5, 10)
+    old = study_tasks.make_splits("instruction", 160, 16, 30)  # the old study's splits (python/results)
+    assert old["test"][0]["messages"][0]["content"] == "List 2 countries, one per line, each line starting with '- '."
+    assert old["train"][-1]["messages"][0]["content"] == (
+        'Return a JSON object with the key "size" set to the number 76. No other text.')
