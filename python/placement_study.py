@@ -24,6 +24,10 @@ Learning rates: a log-spaced grid (``--lr-grid-points``, half a decade apart) tu
 validation loss, per module type (core) or per arm (budget), with seed 0; a pick at a grid edge
 extends the grid there (up to ``--max-extend`` points) and is reported.
 
+Default cut (``--core-tasks``, ``--budget-tasks`` widen it): the core test on maths and
+instruction, the budgets on maths; the probe runs on all four tasks. ``--plan`` prints the runs
+and hours of a configuration from ``cost.json`` (``--stage measure`` on the machine that will run it).
+
 Every finished run is appended to ``OUT/FAMILY/runs.jsonl`` with its per-item losses and
 scores; a rerun skips finished runs. Progress goes to tqdm and ``OUT/FAMILY/log.txt``.
 
