@@ -70,6 +70,16 @@ class _Tap(torch.autograd.Function):
         return d, None, None
 
 
+# Layers whose output is a view made inside their own autograd Function, which autograd refuses
+# to mark dirty (and after a refused attempt, to clone): the tap takes a clone of their output.
+# bitsandbytes' 8-bit layer is one; only such layers pay for the copy.
+_VIEW_OUTPUT_LAYERS = ("Linear8bitLt",)
+
+
+def _tap(output: torch.Tensor, anchor: torch.Tensor, call: "_Call | None", clone: bool) -> torch.Tensor:
+    return _Tap.apply(output.clone() if clone else output, anchor, call)
+
+
 class _Call:
     """One forward call of one candidate module: what it kept, and where its energy goes."""
 
@@ -92,6 +102,7 @@ class _Site:
 
     def __init__(self, cand: Candidate, probe: "_Probe"):
         self.cand, self.probe = cand, probe
+        self.clone_output = type(cand.module).__name__ in _VIEW_OUTPUT_LAYERS
         self.calls = 0  # forward calls in the current batch
         self.deferred = 0  # no-grad forward calls a reentrant checkpoint will rerun in backward
         self.batch_energy: torch.Tensor | None = None  # fisher: unscaled [k, B] of the current batch
@@ -128,7 +139,7 @@ class _Site:
             if not torch.is_grad_enabled():
                 return None
             if self.deferred == 0:
-                return _Tap.apply(output, p.anchor, None)
+                return _tap(output, p.anchor, None, self.clone_output)
             self.deferred -= 1
         elif not torch.is_grad_enabled():
             self.deferred += 1
@@ -149,7 +160,7 @@ class _Site:
         rows = x.shape[0]  # samples, unless the module runs on a flattened activation (reduce checks)
         a_all = self.mat("A", x.device, x.dtype) if p.projection in ("A", "AB") else None
         kept = energies.keep(x.reshape(rows, -1, n), p.projection, a_all)
-        return _Tap.apply(output, p.anchor, _Call(self, kept, rows))
+        return _tap(output, p.anchor, _Call(self, kept, rows), self.clone_output)
 
     def reduce(self, kept: energies.Kept, d: torch.Tensor, rows: int) -> None:
         """Add one call's energy (fisher) or gradient sums (gradient), given ``D = dL/dY``."""
