@@ -65,16 +65,17 @@ class Kept:
         return Kept(one(self.proj), one(self.x))
 
 
-def keep(x3: torch.Tensor, projection: str, a_all: torch.Tensor | None) -> Kept:
-    """What the backward of projection ``projection`` needs from the input ``x3`` ``[B, T, n]``.
+def project(x3: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``P = X A^T``: ``x3`` ``[B, T, n]`` @ ``a`` ``[c, n]`` -> ``[B, T, c]``, no graph, full fp32
+    precision. ``a`` may stack every seed's ``A`` (and several modules' ``A``s): one matmul."""
+    with torch.no_grad(), ieee_fp32():
+        return x3 @ a.T
 
-    ``a_all``: every seed's ``A`` stacked, ``[k*r, n]`` in ``x3``'s dtype (projections "A", "AB").
-    """
-    proj = None
-    if projection in ("A", "AB"):
-        with torch.no_grad(), ieee_fp32():
-            proj = x3 @ a_all.T  # [B, T, n] @ [n, k*r] -> [B, T, k*r]: every seed in one matmul
-    return Kept(proj, x3 if projection != "A" else None)
+
+def keep(x3: torch.Tensor, projection: str, proj: torch.Tensor | None) -> Kept:
+    """What the backward of projection ``projection`` needs from the input ``x3`` ``[B, T, n]``,
+    given ``proj``, its :func:`project` onto every seed's ``A`` (projections "A", "AB")."""
+    return Kept(proj if projection in ("A", "AB") else None, x3 if projection != "A" else None)
 
 
 def _seed_slices(t: torch.Tensor, k: int, rank: int) -> list[torch.Tensor]:

@@ -158,8 +158,9 @@ class _Site:
         if x.dim() < 2 or x.shape[-1] != n:
             raise ValueError(f"{name}: input of shape {tuple(x.shape)} is not [B, ..., {n}]")
         rows = x.shape[0]  # samples, unless the module runs on a flattened activation (reduce checks)
-        a_all = self.mat("A", x.device, x.dtype) if p.projection in ("A", "AB") else None
-        kept = energies.keep(x.reshape(rows, -1, n), p.projection, a_all)
+        x3 = x.reshape(rows, -1, n)
+        proj = p.shared.project(self, args[0], x3) if p.projection in ("A", "AB") else None
+        kept = energies.keep(x3, p.projection, proj)
         return _tap(output, p.anchor, _Call(self, kept, rows), self.clone_output)
 
     def reduce(self, kept: energies.Kept, d: torch.Tensor, rows: int) -> None:
@@ -222,6 +223,58 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+class _SharedInputs:
+    """Projects an input that several modules read (q/k/v, gate/up) once for all of them.
+
+    On the first batch it learns which sites are called one after another on the same input
+    tensor (the same object, unmodified); from then on the first site of such a group computes
+    ``X [A_1; A_2; ...]^T`` in one matmul and each site takes its columns: the same numbers as
+    one matmul per site, with ``X`` read once. A site whose input is not its group's (control
+    flow that changed) projects on its own, so a wrong guess costs time, never correctness.
+    """
+
+    def __init__(self):
+        self.learning = True
+        self.run: list = []  # first batch: [input, its version, sites called on it in a row]
+        self.runs: list[list["_Site"]] = []
+        self.groups: dict["_Site", list["_Site"]] = {}  # first site -> its group, in call order
+        self.live: tuple | None = None  # (input, version, {site: its columns of P})
+        self._a: dict[tuple, torch.Tensor] = {}
+
+    def project(self, site: "_Site", x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        if self.learning:
+            if self.run and self.run[0] is x and self.run[1] == x._version:
+                self.run[2].append(site)
+            else:
+                self.run = [x, x._version, [site]]
+                self.runs.append(self.run[2])
+            return energies.project(x3, site.mat("A", x3.device, x3.dtype))
+        live = self.live
+        if live is not None and live[0] is x and live[1] == x._version and site in live[2]:
+            return live[2].pop(site)
+        group = self.groups.get(site)
+        if group is None:
+            return energies.project(x3, site.mat("A", x3.device, x3.dtype))
+        proj = energies.project(x3, self._stacked(group, x3.device, x3.dtype))
+        width = proj.shape[-1] // len(group)
+        cols = {s: proj[..., i * width:(i + 1) * width] for i, s in enumerate(group)}
+        self.live = (x, x._version, cols)
+        return cols.pop(site)
+
+    def _stacked(self, group: list["_Site"], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (group[0], device, dtype)
+        if key not in self._a:
+            self._a[key] = torch.cat([s.mat("A", device, dtype) for s in group])
+        return self._a[key]
+
+    def end_batch(self) -> None:
+        """After a batch's backward: the first one fixes the groups; no input is held on to."""
+        if self.learning:
+            self.groups = {g[0]: g for g in self.runs if len(g) > 1}
+            self.learning = False
+        self.run, self.runs, self.live = [], [], None
+
+
 class _Probe:
     def __init__(self, rank, seeds, projection, estimator, scaling, backend):
         self.rank, self.seeds, self.projection = rank, seeds, projection
@@ -229,6 +282,7 @@ class _Probe:
         self.active = False
         self.batch_size = 0  # samples in the batch being backpropagated
         self.anchor = torch.zeros((), requires_grad=True)
+        self.shared = _SharedInputs()
 
 
 # Each rank's status row for _merge_ranks: these four columns, then one got-gradient flag per site.
@@ -550,6 +604,7 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
                 probe.batch_size = losses.numel()
                 losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
                 _end_batch(sites, losses.detach(), num_samples)
+                probe.shared.end_batch()
                 num_samples += losses.numel()
                 num_batches += 1
                 if bar is not None:
