@@ -78,10 +78,6 @@ def keep(x3: torch.Tensor, projection: str, proj: torch.Tensor | None) -> Kept:
     return Kept(proj if projection in ("A", "AB") else None, x3 if projection != "A" else None)
 
 
-def _seed_slices(t: torch.Tensor, k: int, rank: int) -> list[torch.Tensor]:
-    return [t[..., j * rank:(j + 1) * rank] for j in range(k)]
-
-
 def sample_energies(kept: Kept, d3: torch.Tensor, projection: str, b_cat: torch.Tensor | None,
                     rank: int, k: int, backend: str) -> torch.Tensor:
     """Unscaled per-sample energies ``[k, B]`` (float64) of one call, from ``D`` ``[B, T, m]``.
@@ -92,13 +88,11 @@ def sample_energies(kept: Kept, d3: torch.Tensor, projection: str, b_cat: torch.
     """
     e = torch.zeros(k, d3.shape[0], dtype=torch.float64, device=d3.device)
     with ieee_fp32():
-        if kept.proj is not None:
-            for j, p in enumerate(_seed_slices(kept.proj, k, rank)):
-                e[j] += ops.projected_energy(d3, p, backend=backend)
+        if kept.proj is not None:  # every seed's P at once: D read once ([k, B])
+            e += ops.projected_energy(d3, kept.proj, backend=backend, groups=k).view(k, -1)
         if projection in ("B", "AB"):
             v = d3 @ b_cat  # [B, T, m] @ [m, k*r] -> [B, T, k*r]: D read once for every seed
-            for j, vj in enumerate(_seed_slices(v, k, rank)):
-                e[j] += ops.projected_energy(kept.x, vj, backend=backend)
+            e += ops.projected_energy(kept.x, v, backend=backend, groups=k).view(k, -1)
         if projection == "expected":
             n = kept.x.shape[-1]
             e += ops.weight_grad_energy(d3, kept.x, backend=backend).to(torch.float64) * (rank / (3.0 * n))
