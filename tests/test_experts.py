@@ -1,0 +1,119 @@
+"""Expert weights of mixture-of-experts models (issue 14): layouts, the routed forward, the
+probe's matrices in peft's layout, and the per-expert energies against both oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from domlora_kernels.experts import (
+    draw_expert_A,
+    draw_expert_B,
+    find_expert_weights,
+    routed_experts,
+    unknown_weights,
+)
+from domlora_kernels.lora_init import draw_lora_A, draw_lora_B
+from helpers import rel_err
+from tiny_models import sample_batch
+from tiny_moe import MOE_ARCHS, tiny_moe
+
+IMPLEMENTATIONS = ["eager", "batched_mm", "grouped_mm"]
+
+
+def _batch():
+    return sample_batch([9, 5, 12], seed=1)
+
+
+def _identity_tap(seen: list):
+    def tap(name, y, x, routing):
+        seen.append((name, tuple(y.shape), tuple(x.shape), sum(routing.counts)))
+        return y
+    return tap
+
+
+def _logits_and_input_grad(model, batch):
+    emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=emb, attention_mask=batch["attention_mask"], use_cache=False).logits
+    (logits.square() * batch["attention_mask"][..., None]).sum().backward()
+    return logits.detach(), emb.grad
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_expert_weights_found_with_peft_shapes(arch):
+    model = tiny_moe(arch)
+    weights = find_expert_weights(model)
+    names = [w.name for w in weights]
+    assert names == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")]
+    hidden = model.config.hidden_size
+    inter = model.config.moe_intermediate_size if arch.startswith("qwen") else model.config.intermediate_size
+    for w in weights:
+        assert w.num_experts == 4
+        want = (hidden, 2 * inter) if w.parameter == "gate_up_proj" else (inter, hidden)
+        assert (w.in_features, w.out_features) == want, w.name
+    assert unknown_weights(model) == {}
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_routed_forward_equals_each_implementation(arch, impl):
+    """The probe's per-expert forward gives the model's output and every upstream gradient."""
+    model = tiny_moe(arch, experts_implementation=impl)
+    batch = _batch()
+    ref_logits, ref_grad = _logits_and_input_grad(model, batch)
+    seen = []
+    modules = {w.module: _identity_tap(seen) for w in find_expert_weights(model)}
+    with routed_experts(modules):
+        logits, grad = _logits_and_input_grad(model, batch)
+    assert rel_err(logits, ref_logits) < 1e-6
+    assert rel_err(grad, ref_grad) < 1e-5
+    tokens = batch["input_ids"].numel()
+    # each layer's two weights tapped once, on all tokens * top_k routed rows
+    assert [s[0] for s in seen] == ["gate_up_proj", "down_proj"] * 2
+    assert all(s[3] == tokens * 2 for s in seen)
+    assert all("forward" not in m.__dict__ for m in modules)
+    again, _ = _logits_and_input_grad(model, batch)
+    assert torch.equal(again, ref_logits)
+
+
+def test_routed_forward_restored_on_error():
+    model = tiny_moe("mixtral")
+    experts = [w.module for w in find_expert_weights(model)][::2]
+    sentinel = experts[1].forward = experts[1].forward  # an instance forward, as some libraries set
+
+    def boom(name, y, x, routing):
+        raise RuntimeError("tap failed")
+
+    with pytest.raises(RuntimeError, match="tap failed"):
+        with routed_experts({m: boom for m in experts}):
+            model(**_batch(), use_cache=False)
+    assert "forward" not in experts[0].__dict__
+    assert experts[1].__dict__["forward"] is sentinel
+
+
+def test_probe_matrices_in_peft_layout():
+    """A: rows e*r:(e+1)*r of peft's lora_A [r*E, in]; B: columns e::E of lora_B [out, r*E]."""
+    a = draw_expert_A("x.experts.down_proj", 3, 4, 10, seed=7)
+    b = draw_expert_B("x.experts.down_proj", 3, 4, 6, seed=7)
+    flat_a = draw_lora_A("x.experts.down_proj", 12, 10, 7)
+    flat_b = draw_lora_B("x.experts.down_proj", 12, 6, 7)
+    assert a.shape == (4, 3, 10) and b.shape == (4, 6, 3)
+    for e in range(4):
+        assert torch.equal(a[e], flat_a[3 * e:3 * e + 3])
+        assert torch.equal(b[e], flat_b[:, e::4])
+    # peft's own mapping of the factors to the experts' deltas (ParamWrapper.get_delta_weight)
+    delta = torch.einsum("ore,eri->eoi", flat_b.view(6, 3, 4), flat_a.view(4, 3, 10))
+    assert torch.allclose(delta, b @ a)
+
+
+class _Fused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(4, 8, 8))
+        self.conv = nn.Conv2d(2, 2, 3)
+        self.proj = nn.Linear(8, 8)
+
+
+def test_unknown_weights_named_and_convolutions_not():
+    assert unknown_weights(_Fused()) == {"w": (4, 8, 8)}
