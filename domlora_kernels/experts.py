@@ -132,6 +132,14 @@ def draw_expert_B(name: str, rank: int, num_experts: int, out_features: int, see
     return b.view(out_features, rank, num_experts).permute(2, 0, 1).contiguous()
 
 
+def expert_mats(which: str, name: str, rank: int, num_experts: int, features: int, seeds: list[int]) -> torch.Tensor:
+    """Every seed's probe matrix side by side per expert (float32, CPU): ``"A"``: ``[E, k*r, n]``
+    (``features`` = n); ``"B"``: ``[E, m, k*r]`` (``features`` = m)."""
+    if which == "A":
+        return torch.cat([draw_expert_A(name, rank, num_experts, features, s) for s in seeds], dim=1)
+    return torch.cat([draw_expert_B(name, rank, num_experts, features, s) for s in seeds], dim=2)
+
+
 # ----------------------------------------------------------------- routing and forward
 @dataclass
 class Routing:
@@ -265,45 +273,79 @@ def _bound_forward(module: nn.Module, tap: Tap) -> Callable[..., torch.Tensor]:
 
 
 # ----------------------------------------------------------------- energies
-def per_expert_energy(projection: str, kept, d: torch.Tensor, routing: Routing, batch: int, rank: int,
-                      num_seeds: int, in_features: int, b_mats: torch.Tensor | None = None,
-                      backend: str = "auto") -> torch.Tensor:
-    """Per-sample, per-expert energies of one call, ``[k, E, batch]`` float64, before the scaling ``s^2``.
+@dataclass
+class RoutedKept:
+    """What one forward call of an expert weight keeps for its backward; rows sorted by expert.
 
-    Args:
-        projection: "A", "B", "AB" or "expected" (docs/design.md).
-        kept: what the forward kept: the projected rows ``P = X_e A_e^T``, ``[S, k*r]`` ("A"),
-            the input rows ``X``, ``[S, in]`` ("B", "expected"), or ``(P, X)`` ("AB").
-        d: the output gradient rows ``[S, out]``, sorted like ``kept``.
-        num_seeds: ``k``, the A (B) draws stacked in ``P`` (``b_mats``).
-        b_mats: ``[k, E, out, r]``, the probe B's (projections "B" and "AB").
+    ``proj``: ``P = X_e A_e^T`` per row, ``[S, k*r]`` (projections "A", "AB"), else None.
+    ``x``: the input rows ``[S, n]`` (projections "B", "AB", "expected"), else None.
     """
-    if projection == "A":
-        proj, x = kept, None
-    elif projection == "AB":
-        proj, x = kept
-    else:
-        proj, x = None, kept
+
+    proj: torch.Tensor | None
+    x: torch.Tensor | None
+    routing: Routing
+
+
+def keep_routed(x: torch.Tensor, routing: Routing, projection: str, a_cat: torch.Tensor | None) -> RoutedKept:
+    """What projection ``projection`` needs from the input rows ``x`` ``[S, n]``.
+
+    ``a_cat``: every seed's A side by side per expert, ``[E, k*r, n]`` in ``x``'s dtype.
+    """
+    proj = None
+    if projection in ("A", "AB"):
+        with torch.no_grad():
+            proj = expert_linear(x, a_cat, routing.counts, transposed=False)  # [S_e, n] @ [n, k*r]
+    return RoutedKept(proj, x if projection != "A" else None, routing)
+
+
+def routed_sample_energies(kept: RoutedKept, d: torch.Tensor, projection: str, b_cat: torch.Tensor | None,
+                           rank: int, k: int, batch: int, backend: str = "auto") -> torch.Tensor:
+    """Unscaled per-sample, per-expert energies of one call, ``[k, E, batch]`` float64.
+
+    ``d``: the output gradient rows ``[S, m]``, sorted like ``kept``. ``b_cat``: every seed's
+    probe B side by side per expert, ``[E, m, k*r]`` (projections "B", "AB"). The formulas
+    of :func:`domlora_kernels.energies.sample_energies`, over the ``E*batch`` segments of the
+    rows (expert ``e``, sample ``b``): one varlen call per seed, however many experts.
+    """
+    routing = kept.routing
     cu = routing.cu_seqlens(batch)
-    num_experts = len(routing.counts)
-    e = torch.zeros(num_seeds, num_experts * batch, dtype=torch.float64, device=d.device)
-    for j in range(num_seeds):
-        if proj is not None:  # ||D_eb^T P_eb||^2
-            e[j] += ops.projected_energy(d, proj[:, j * rank:(j + 1) * rank], cu, backend=backend).double()
-        if projection in ("B", "AB"):  # ||(D_eb B_e)^T X_eb||^2, D_e B_e: [S_e, out] @ [out, r]
-            v = expert_linear(d, b_mats[j], routing.counts, transposed=True)
-            e[j] += ops.projected_energy(x, v, cu, backend=backend).double()
+    e = torch.zeros(k, len(routing.counts) * batch, dtype=torch.float64, device=d.device)
+    if kept.proj is not None:  # ||D_eb^T P_eb||^2
+        for j in range(k):
+            e[j] += ops.projected_energy(d, kept.proj[:, j * rank:(j + 1) * rank], cu, backend=backend).double()
+    if projection in ("B", "AB"):  # ||(D_eb B_e)^T X_eb||^2
+        v = expert_linear(d, b_cat, routing.counts, transposed=True)  # [S_e, m] @ [m, k*r]
+        for j in range(k):
+            e[j] += ops.projected_energy(kept.x, v[:, j * rank:(j + 1) * rank], cu, backend=backend).double()
     if projection == "expected":  # E_A ||G A^T||^2 = r / (3n) ||G||^2
-        e += ops.weight_grad_energy(d, x, cu, backend=backend).double() * (rank / (3.0 * in_features))
-    return e.view(num_seeds, num_experts, batch)
+        n = kept.x.shape[-1]
+        e += ops.weight_grad_energy(d, kept.x, cu, backend=backend).double() * (rank / (3.0 * n))
+    return e.view(k, len(routing.counts), batch)
 
 
-def per_expert_grad_sum(d: torch.Tensor, v: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """``[E, out, c]``: per expert, ``D_e^T V_e`` over all its rows (estimator "gradient")."""
-    out = d.new_zeros(len(counts), d.shape[1], v.shape[1], dtype=torch.float32 if d.dtype != torch.float64 else d.dtype)
+def routed_gradient_sums(kept: RoutedKept, d: torch.Tensor, projection: str, b_cat: torch.Tensor | None,
+                         rank: int, k: int) -> dict[str, torch.Tensor]:
+    """This call's unscaled summed projected gradients per expert: ``"A"``: ``[k, E, m, r]``
+    (projections "A", "AB"), ``"B"``: ``[k, E, r, n]`` ("B", "AB"); float32 (float64 for float64)."""
+    acc = torch.float64 if d.dtype == torch.float64 else torch.float32
+    counts = kept.routing.counts
+    num_experts, m = len(counts), d.shape[1]
+    out = {}
+    if projection in ("A", "AB"):
+        out["A"] = d.new_zeros(num_experts, m, k * rank, dtype=acc)
+    if projection in ("B", "AB"):
+        v = expert_linear(d, b_cat, counts, transposed=True).to(acc)  # [S, k*r]
+        out["B"] = d.new_zeros(num_experts, k * rank, kept.x.shape[1], dtype=acc)
     start = 0
     for e, c in enumerate(counts):
-        if c:
-            out[e] = d[start:start + c].to(out.dtype).T @ v[start:start + c].to(out.dtype)
+        rows = slice(start, start + c)
+        if c and "A" in out:
+            out["A"][e] = d[rows].to(acc).T @ kept.proj[rows].to(acc)  # [m, S_e] @ [S_e, k*r]
+        if c and "B" in out:
+            out["B"][e] = v[rows].T @ kept.x[rows].to(acc)  # [k*r, S_e] @ [S_e, n]
         start += c
+    if "A" in out:  # [E, m, k, r] -> [k, E, m, r]
+        out["A"] = out["A"].view(num_experts, m, k, rank).permute(2, 0, 1, 3)
+    if "B" in out:  # [E, k, r, n] -> [k, E, r, n]
+        out["B"] = out["B"].view(num_experts, k, rank, -1).transpose(0, 1)
     return out

@@ -60,13 +60,15 @@ def _expert_grad(weight, transposed: bool) -> torch.Tensor:
 
 
 def naive_expert_energies(model, batches, *, rank: int, seed: int = 0, lora_alpha=None) -> dict:
-    """Per expert weight ``name -> {"A": [N, E], "B": [N, E], "full": [N, E]}`` (float64).
+    """Per expert weight ``name -> {"A": [N, E], "B": [N, E], "full": [N, E], "A_mean": [E], "B_mean": [E]}``.
 
-    "A": ``||s G_e A_e^T||^2``; "B": ``||s B_e^T G_e||^2``; "full": ``||G_e||^2`` for sample ``b``.
+    "A": ``||s G_e A_e^T||^2``; "B": ``||s B_e^T G_e||^2``; "full": ``||G_e||^2`` for each sample;
+    "A_mean" / "B_mean": the squared norm of the mean over samples of ``s G_e A_e^T`` /
+    ``s B_e^T G_e`` (estimator "gradient"). All float64.
     """
     s = lora_scaling(rank, lora_alpha)
     weights = find_expert_weights(model)
-    out = {w.name: {"A": [], "B": [], "full": []} for w in weights}
+    out = {w.name: {"A": [], "B": [], "full": [], "A_sum": [], "B_sum": []} for w in weights}
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
@@ -81,11 +83,17 @@ def naive_expert_energies(model, batches, *, rank: int, seed: int = 0, lora_alph
                 out[w.name]["A"].append((s * g @ a.transpose(1, 2)).square().sum(dim=(1, 2)))
                 out[w.name]["B"].append((s * b.transpose(1, 2) @ g).square().sum(dim=(1, 2)))
                 out[w.name]["full"].append(g.square().sum(dim=(1, 2)))
+                out[w.name]["A_sum"].append(s * g @ a.transpose(1, 2))
+                out[w.name]["B_sum"].append(s * b.transpose(1, 2) @ g)
     finally:
         model.zero_grad(set_to_none=True)
         for p, rg in flags:
             p.requires_grad_(rg)
-    return {n: {k: torch.stack(v) for k, v in d.items()} for n, d in out.items()}
+    res = {n: {k: torch.stack(v) for k, v in d.items()} for n, d in out.items()}
+    for d in res.values():
+        for key in ("A", "B"):
+            d[f"{key}_mean"] = d.pop(f"{key}_sum").mean(dim=0).square().sum(dim=(1, 2))
+    return res
 
 
 def peft_expert_energies(model, batches, *, rank: int, lora_alpha: float, seed: int = 0) -> dict:
