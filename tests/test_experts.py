@@ -117,3 +117,46 @@ class _Fused(nn.Module):
 
 def test_unknown_weights_named_and_convolutions_not():
     assert unknown_weights(_Fused()) == {"w": (4, 8, 8)}
+
+
+def test_candidates_take_expert_weights_in_model_order():
+    from domlora_kernels.candidates import find_candidates
+
+    model = tiny_moe("qwen2_moe")
+    cands = find_candidates(model)
+    names = [c.name for c in cands if c.layer == 0]
+    assert names == [f"model.layers.0.{n}" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+        "mlp.shared_expert.down_proj", "mlp.shared_expert_gate")]
+    experts = {c.name: c for c in cands if c.parameter is not None}
+    down = experts["model.layers.1.mlp.experts.down_proj"]
+    assert (down.type, down.layer, down.num_experts, down.in_features, down.out_features) == ("experts.down_proj", 1, 4, 24, 32)
+    assert all(c.type != "gate" for c in cands)  # routers are no candidates, as in peft
+    picked = find_candidates(model, ["experts.down_proj"])
+    assert [c.name for c in picked] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    rest = find_candidates(model, exclude_modules=r".*experts\..*")
+    assert [c for c in rest if c.parameter is not None] == [] and len(rest) == len(cands) - 4
+
+
+class _Remote(nn.Module):
+    """An MoE block in a layout the probe does not know (expert weights as 3D w1/w2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+        self.experts = nn.Module()
+        self.experts.w1 = nn.Parameter(torch.zeros(4, 16, 8))
+        self.experts.w2 = nn.Parameter(torch.zeros(4, 8, 16))
+
+
+def test_unknown_layouts_refused_by_name_unless_excluded():
+    from domlora_kernels.candidates import find_candidates
+
+    model = _Remote()
+    with pytest.raises(ValueError, match=r"experts\.w1 \[4, 16, 8\].*exclude_modules=\['experts.w1', 'experts.w2'\]"):
+        find_candidates(model)
+    with pytest.raises(ValueError, match=r"experts\.w2"):
+        find_candidates(model, r"experts\.w2")
+    assert [c.name for c in find_candidates(model, exclude_modules=["experts.w1", "experts.w2"])] == ["q_proj"]
+    assert [c.name for c in find_candidates(model, ["q_proj"])] == ["q_proj"]  # not selected: nothing to refuse
