@@ -10,7 +10,8 @@ the :class:`PageScores` one process would get on all the batches:
   order of the unsharded list.
 - estimator ``"gradient"``: the summed projected gradients (``[k, m, r]`` for A, ``[k, r, n]``
   for B) are all-reduced, then squared once, on every rank.
-- sample and batch counts are summed; a module counts as reached if any rank reached it.
+- sample and batch counts are summed; a module counts as having a gradient if it got one on
+  any rank.
 
 The probe's own collectives run only after the last batch (two or three per probe, none per
 batch), on the ``process_group`` given (default: the world group). Only a model that runs
@@ -22,6 +23,9 @@ the shards equal when ``W`` does not divide ``len(ds)``; the repeats would then 
 twice. Prefer ``shard(records)`` (contiguous, no repeats), or use a dataset size divisible
 by the world size. The merged ``per_sample`` columns are then in the order
 ``[indices of rank 0] + [indices of rank 1] + ...``.
+
+A rank that fails (any exception, or Ctrl-C) still sends its status row, marked failed, so the
+other ranks raise instead of waiting for it. The probe itself is described in docs/design.md.
 """
 
 from __future__ import annotations
@@ -40,12 +44,6 @@ def _dist():
     import torch.distributed as dist
 
     return dist
-
-
-def is_active(process_group: Any = None) -> bool:
-    """True when ``torch.distributed`` is initialised and ``process_group`` has > 1 rank."""
-    dist = _dist()
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
 def rank_and_world(process_group: Any = None) -> tuple[int, int]:
@@ -120,6 +118,24 @@ def has_fsdp(model: nn.Module) -> bool:
     except ImportError:  # torch built without distributed
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def check_equal_batch_counts(model: nn.Module, batches: Any, process_group: Any = None) -> None:
+    """Refuse unequal batch counts across the ranks when ``model`` runs collectives in its forward.
+
+    FSDP all-gathers in every forward, so a rank with fewer batches would leave the others
+    waiting forever. Checked with one collective when the model is FSDP-sharded and ``batches``
+    has a length (a generator cannot be counted without consuming it).
+    """
+    if not (has_fsdp(model) and hasattr(batches, "__len__")):
+        return
+    counts = gather_ints([len(batches)], process_group)[:, 0].tolist()
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"FSDP runs collectives in every forward, so every rank must probe the same number of batches; "
+            f"got {counts} per rank. Give each rank an equal share (e.g. a calibration set whose size "
+            f"divides by world_size x batch_size)"
+        )
 
 
 def _device(process_group: Any) -> torch.device:

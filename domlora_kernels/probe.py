@@ -4,12 +4,17 @@ How it works (docs/design.md). Every weight is frozen, so no weight gradient is 
 formed. A forward hook on each candidate module keeps what the energy needs from its input
 (``P = X A^T``, ``[B, T, r]``, for projection "A"; ``X`` itself for "B" and "expected") and
 passes the module's output through ``_Tap``, an identity autograd function whose backward
-receives ``D = dL/dY`` and reduces the per-sample energy at once through
-:mod:`domlora_kernels.ops`. A frozen model has no tensor that requires grad, so each tap
+receives ``D = dL/dY`` and reduces the per-sample energy at once; the formulas are in
+:mod:`domlora_kernels.energies`, the reductions in :mod:`domlora_kernels.ops`. A frozen model has no tensor that requires grad, so each tap
 also takes ``anchor``, a scalar leaf that requires grad: the outputs of the taps then carry
 the graph, and backward stops at the first tapped modules instead of running to the
 embeddings. The losses of the rows are summed, not averaged, so row ``b`` receives exactly
 ``d loss_b / d Y_b``: the per-sample gradients come out of one ordinary backward pass.
+A module's input rows must be the batch's samples; one that runs on a flattened activation
+(``[B*T, n]``, a MoE router) is refused unless the batch has one sample.
+
+Per batch the host waits for the device once: the losses and every module's energies are
+checked for non-finite values and copied to the CPU together (``_end_batch``).
 
 Activation checkpointing reruns a module's forward; hooks that fire inside the backward pass
 are recognised as such reruns, so each call is reduced exactly once (``_Site.forward_hook``).
@@ -19,6 +24,7 @@ the ranks after the last one (:mod:`domlora_kernels.distributed`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -28,12 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
+from . import energies, ops
+from .frozen import frozen_eval
 from .losses import causal_lm_losses, default_labels
-from .lora_init import draw_lora_A, draw_lora_B, lora_scaling
 from .candidates import Candidate, find_candidates
+from .lora_init import draw_lora_A, draw_lora_B, lora_scaling
 from .scores import ModuleInfo, PageScores
-from .state import frozen_eval
 
 PROJECTIONS = ("A", "B", "AB", "expected")
 ESTIMATORS = ("fisher", "gradient")
@@ -67,38 +73,44 @@ class _Tap(torch.autograd.Function):
 class _Call:
     """One forward call of one candidate module: what it kept, and where its energy goes."""
 
-    __slots__ = ("site", "kept", "batch")
+    __slots__ = ("site", "kept", "rows")
 
-    def __init__(self, site: "_Site", kept: torch.Tensor, batch: int):
-        self.site, self.kept, self.batch = site, kept, batch
+    def __init__(self, site: "_Site", kept: energies.Kept, rows: int):
+        self.site, self.kept, self.rows = site, kept, rows
 
     def reduce(self, d: torch.Tensor) -> None:
-        self.site.reduce(self.kept, d, self.batch)
+        self.site.reduce(self.kept, d, self.rows)
         self.kept = None
 
 
 class _Site:
-    """Per-module state of the probe: the probe matrices and the running sums."""
+    """Per-module state of the probe: its hooks, probe matrices and running sums.
+
+    The arithmetic lives in :mod:`domlora_kernels.energies`; a site only feeds it and keeps
+    what it returns.
+    """
 
     def __init__(self, cand: Candidate, probe: "_Probe"):
         self.cand, self.probe = cand, probe
         self.calls = 0  # forward calls in the current batch
         self.deferred = 0  # no-grad forward calls a reentrant checkpoint will rerun in backward
-        self.batch_energy: torch.Tensor | None = None  # [k, B] of the current batch
-        self.sample_energies: list[torch.Tensor] = []  # fisher: [k, B] per batch
-        self.grad_sum: dict[str, torch.Tensor] = {}  # gradient: "A" -> [k, m, r], "B" -> [k, r, n]
+        self.batch_energy: torch.Tensor | None = None  # fisher: unscaled [k, B] of the current batch
+        self.sample_energies: list[torch.Tensor] = []  # fisher: unscaled [k, B] per batch, CPU
+        self.grad_sum: dict[str, torch.Tensor] = {}  # gradient: energies.grad_sum_shapes
         self._mats: dict[tuple, torch.Tensor] = {}
-        self.reached = False
+        self.got_grad = False
 
-    # Probe matrices, drawn on the CPU once (deterministic) and cached per device and dtype.
     def mat(self, which: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Every seed's probe matrix side by side, drawn on the CPU once (deterministic) and
+        cached per device and dtype: ``"A"``: ``[k*r, n]``; ``"B"``: ``[m, k*r]``."""
         key = (which, device, dtype)
         if key not in self._mats:
-            p = self.probe
-            if which == "A":  # [k * r, n]: all seeds stacked, one matmul in the forward
-                t = torch.cat([draw_lora_A(self.cand.name, p.rank, self.cand.in_features, s) for s in p.seeds])
-            else:  # [k, m, r]
-                t = torch.stack([draw_lora_B(self.cand.name, p.rank, self.cand.out_features, s) for s in p.seeds])
+            p, c = self.probe, self.cand
+            if which == "A":
+                t = torch.cat([draw_lora_A(c.name, p.rank, c.in_features, s) for s in p.seeds])
+            else:  # [k, m, r] -> [m, k, r] -> [m, k*r]
+                t = torch.stack([draw_lora_B(c.name, p.rank, c.out_features, s) for s in p.seeds])
+                t = t.permute(1, 0, 2).reshape(c.out_features, -1)
             self._mats[key] = t.to(device=device, dtype=dtype)
         return self._mats[key]
 
@@ -121,105 +133,77 @@ class _Site:
         elif not torch.is_grad_enabled():
             self.deferred += 1
             return None
+        name, n = self.cand.name, self.cand.in_features
         if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"{self.cand.name}: expected a tensor input and output, got {type(output).__name__}")
+            raise TypeError(f"{name}: expected a tensor input and output, got {type(output).__name__}")
         self.calls += 1
         if self.calls > 1:
             raise RuntimeError(
-                f"{self.cand.name} ran {self.calls} times in one forward pass; PAGE of a module whose weight "
+                f"{name} ran {self.calls} times in one forward pass; PAGE of a module whose weight "
                 f"is applied more than once per sample is not defined by per-call energies. Exclude it with "
-                f"exclude_modules=[{self.cand.name!r}]"
+                f"exclude_modules=[{name!r}]"
             )
         x = args[0].detach()
-        if x.dim() < 2 or x.shape[-1] != self.cand.in_features:
-            raise ValueError(f"{self.cand.name}: input of shape {tuple(x.shape)} is not [B, ..., {self.cand.in_features}]")
-        batch = x.shape[0]
-        x3 = x.reshape(batch, -1, x.shape[-1])
-        if p.projection in ("A", "AB"):
-            with torch.no_grad():
-                # [B, T, n] @ [n, k*r] -> [B, T, k*r]
-                proj = x3 @ self.mat("A", x.device, x.dtype).T
-            kept = proj if p.projection == "A" else (proj, x3)
-        else:
-            kept = x3
-        return _Tap.apply(output, p.anchor, _Call(self, kept, batch))
+        if x.dim() < 2 or x.shape[-1] != n:
+            raise ValueError(f"{name}: input of shape {tuple(x.shape)} is not [B, ..., {n}]")
+        rows = x.shape[0]  # samples, unless the module runs on a flattened activation (reduce checks)
+        a_all = self.mat("A", x.device, x.dtype) if p.projection in ("A", "AB") else None
+        kept = energies.keep(x.reshape(rows, -1, n), p.projection, a_all)
+        return _Tap.apply(output, p.anchor, _Call(self, kept, rows))
 
-    def reduce(self, kept, d: torch.Tensor, batch: int) -> None:
+    def reduce(self, kept: energies.Kept, d: torch.Tensor, rows: int) -> None:
+        """Add one call's energy (fisher) or gradient sums (gradient), given ``D = dL/dY``."""
         p = self.probe
-        self.reached = True
-        m, r, k = self.cand.out_features, p.rank, len(p.seeds)
-        d3 = d.reshape(batch, -1, m)
-        if p.projection == "A":
-            proj, x3 = kept, None
-        elif p.projection == "AB":
-            proj, x3 = kept
-        else:
-            proj, x3 = None, kept
-        s2 = p.scaling**2
+        self.got_grad = True
+        batch = p.batch_size
+        if rows != batch:
+            if batch != 1:
+                raise ValueError(_rows_error(self.cand.name, rows, batch))
+            kept = kept.as_one_sample()  # batch of one: every row, whatever its layout, is sample 0's
+        d3 = d.reshape(batch, -1, self.cand.out_features)
+        k, needs_b = len(p.seeds), p.projection in ("B", "AB")
         if p.estimator == "fisher":
-            e = torch.zeros(k, batch, dtype=torch.float64, device=d.device)
-            if proj is not None:
-                for j in range(k):  # ||D_b^T P_b||^2 for each seed's slice of P
-                    e[j] += ops.projected_energy(d3, proj[..., j * r:(j + 1) * r], backend=p.backend)
-            if p.projection in ("B", "AB"):
-                bmat = self.mat("B", d.device, d.dtype)
-                for j in range(k):  # ||(D_b B)^T X_b||^2: u = X, v = D B ([B, T, m] @ [m, r])
-                    e[j] += ops.projected_energy(x3, d3 @ bmat[j], backend=p.backend)
-            if p.projection == "expected":
-                # E_A ||G A^T||^2 = r / (3n) ||G||^2 for A ~ U(-1/sqrt(n), 1/sqrt(n))
-                g2 = ops.weight_grad_energy(d3, x3, backend=p.backend)
-                e += g2.to(torch.float64) * (r / (3.0 * self.cand.in_features))
-            self.batch_energy = e * s2
+            b_cat = self.mat("B", d.device, d.dtype) if needs_b else None
+            self.batch_energy = energies.sample_energies(kept, d3, p.projection, b_cat, p.rank, k, p.backend)
             return
-        # estimator "gradient": accumulate the summed projected gradients, square at the end
-        acc = torch.float64 if d.dtype == torch.float64 else torch.float32
-        d2 = d3.reshape(-1, m).to(acc)
-        if proj is not None:
-            # [m, N] @ [N, k*r] -> [m, k*r] -> [k, m, r]
-            g = (d2.T @ proj.reshape(-1, proj.shape[-1]).to(acc)).view(m, k, r).permute(1, 0, 2)
-            self._add("A", g)
-        if p.projection in ("B", "AB"):
-            bmat = self.mat("B", d.device, acc)  # cached per dtype: no conversion per backward call
-            x2 = x3.reshape(-1, x3.shape[-1]).to(acc)
-            g = torch.stack([(d2 @ bmat[j]).T @ x2 for j in range(k)])  # [k, r, n]
-            self._add("B", g)
+        # cached in the accumulation dtype: no conversion per backward call
+        b_cat = self.mat("B", d.device, energies.accumulation_dtype(d.dtype)) if needs_b else None
+        for key, g in energies.gradient_sums(kept, d3, p.projection, b_cat, p.rank, k).items():
+            if key in self.grad_sum:
+                self.grad_sum[key] += g
+            else:
+                self.grad_sum[key] = g.clone()
 
-    def _add(self, key: str, g: torch.Tensor) -> None:
-        if key in self.grad_sum:
-            self.grad_sum[key] += g
-        else:
-            self.grad_sum[key] = g.clone()
-
-    def end_batch(self, batch: int, first_sample: int) -> None:
+    def batch_check(self, batch: int) -> torch.Tensor:
+        """What :func:`_end_batch` copies to the host for this site: fisher: the batch's
+        energies ``[k, B]``; gradient: whether the sums so far are finite (``[1]``)."""
         if self.probe.estimator == "fisher":
             if self.batch_energy is None:  # module off the loss path (or not run) this batch
-                self.batch_energy = torch.zeros(len(self.probe.seeds), batch, dtype=torch.float64)
-            e = self.batch_energy.detach()
-            if not torch.isfinite(e).all():
-                bad = int((~torch.isfinite(e)).nonzero()[0, 1])
-                raise FloatingPointError(
-                    f"non-finite PAGE energy for module {self.cand.name} at sample {first_sample + bad}: "
-                    f"the model's activations or gradients overflow there (try float32, or drop that sample)"
-                )
-            self.sample_energies.append(e)
-        elif self.grad_sum and not all(torch.isfinite(g).all() for g in self.grad_sum.values()):
-            raise FloatingPointError(
-                f"non-finite summed gradient for module {self.cand.name} in the batch starting at sample "
-                f"{first_sample}: the model's gradients overflow (try float32, or find the sample with estimator='fisher')"
-            )
+                return torch.zeros(len(self.probe.seeds), batch, dtype=torch.float64)
+            return self.batch_energy.detach()
+        flags = [torch.isfinite(g).all() for g in self.grad_sum.values()]
+        return torch.stack(flags).all().reshape(1) if flags else torch.ones(1, dtype=torch.bool)
+
+    def end_batch(self, host: torch.Tensor) -> None:
+        if self.probe.estimator == "fisher":
+            self.sample_energies.append(host)
         self.calls = self.deferred = 0
         self.batch_energy = None
 
     def results(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``([k] PAGE per seed, [k, N] per-sample energies or None)`` as float64 CPU."""
-        k = len(self.probe.seeds)
-        if self.probe.estimator == "fisher":
-            per = torch.cat([e.cpu() for e in self.sample_energies], dim=1)
-            return per.mean(dim=1), per
-        val = torch.zeros(k, dtype=torch.float64)
-        for g in self.grad_sum.values():
-            val += (g.to(torch.float64).cpu() / num_samples).square().sum(dim=(1, 2))
-        return val * self.probe.scaling**2, None
+        p = self.probe
+        parts = self.sample_energies if p.estimator == "fisher" else self.grad_sum
+        return energies.page_values(p.estimator, parts, num_samples, p.scaling, len(p.seeds))
+
+
+def _rows_error(name: str, rows: int, batch: int) -> str:
+    return (
+        f"{name} received {rows} rows for a batch of {batch} samples: it runs on a flattened or "
+        f"reshaped activation ([B*T, n], as a MoE router or expert does), so its rows are tokens, not "
+        f"samples, and its per-sample PAGE cannot be told apart. Exclude it with "
+        f"exclude_modules=[{name!r}], or probe with batches of one sample (then every row is that sample's)"
+    )
 
 
 def _in_backward() -> bool:
@@ -227,34 +211,24 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def _keep_checkpointing(model: nn.Module) -> int:
-    """Leave transformers' checkpointed layers in training mode; returns how many.
-
-    transformers checkpoints a layer only while ``layer.training`` is True, and the probe puts
-    the model in eval mode, which would silently drop the activation memory savings that a
-    big model needs. Only the layer's own flag is set: its submodules (attention, dropout)
-    stay in eval, so no dropout runs. Called inside ``frozen_eval``, which restores the flags.
-    """
-    import sys
-
-    layers = sys.modules.get("transformers.modeling_layers")  # never import transformers here
-    cls = getattr(layers, "GradientCheckpointingLayer", None)
-    if cls is None:
-        return 0
-    kept = 0
-    for m in model.modules():
-        if isinstance(m, cls) and getattr(m, "gradient_checkpointing", False) is True:
-            m.training = True
-            kept += 1
-    return kept
-
-
 class _Probe:
     def __init__(self, rank, seeds, projection, estimator, scaling, backend):
         self.rank, self.seeds, self.projection = rank, seeds, projection
         self.estimator, self.scaling, self.backend = estimator, scaling, backend
         self.active = False
+        self.batch_size = 0  # samples in the batch being backpropagated
         self.anchor = torch.zeros((), requires_grad=True)
+
+
+# Each rank's status row for _merge_ranks: these four columns, then one got-gradient flag per site.
+_FAILED, _SAMPLES, _BATCHES, _MICROSECONDS = range(4)
+
+
+def _status_row(sites, num_samples: int = 0, num_batches: int = 0, elapsed: float = 0.0,
+                failed: bool = False) -> list[int]:
+    """The row a rank sends to the others after its last batch, or on failure (``failed``)."""
+    flags = [0 if failed else int(s.got_grad) for s in sites]
+    return [int(failed), num_samples, num_batches, int(elapsed * 1e6)] + flags
 
 
 def _merge_ranks(sites, probe, num_samples, num_batches, elapsed, group) -> tuple[int, int, float]:
@@ -266,44 +240,58 @@ def _merge_ranks(sites, probe, num_samples, num_batches, elapsed, group) -> tupl
     """
     from . import distributed as dd
 
-    row = [0, num_samples, num_batches, int(elapsed * 1e6)] + [int(s.reached) for s in sites]
-    table = dd.gather_ints(row, group)  # [world, 4 + S]
-    failed = table[:, 0].nonzero().flatten().tolist()
+    table = dd.gather_ints(_status_row(sites, num_samples, num_batches, elapsed), group)  # [world, 4 + S]
+    failed = table[:, _FAILED].nonzero().flatten().tolist()
     if failed:
         raise RuntimeError(f"rank(s) {failed} failed during the probe (see their error); stopping this rank too")
-    counts = table[:, 1].tolist()
+    counts = table[:, _SAMPLES].tolist()
     for i, s in enumerate(sites):
-        s.reached = bool(table[:, 4 + i].any())
-    k = len(probe.seeds)
+        s.got_grad = bool(table[:, 4 + i].any())
     if probe.estimator == "fisher":
-        local = torch.zeros(len(sites), k, num_samples, dtype=torch.float64)
-        for i, s in enumerate(sites):
-            if s.sample_energies:
-                local[i] = torch.cat([e.cpu() for e in s.sample_energies], dim=1)
-        merged = dd.gather_columns(local, counts, group)  # [S, k, N], rank-major
-        for i, s in enumerate(sites):
-            s.sample_energies = [merged[i]]
+        _merge_sample_energies(sites, probe, num_samples, counts, group)
     else:
-        keys = {"A": ["A"], "B": ["B"], "AB": ["A", "B"]}[probe.projection]
-        shapes = {"A": lambda c: (k, c.out_features, probe.rank), "B": lambda c: (k, probe.rank, c.in_features)}
-        parts = []
-        for s in sites:  # a module this rank never reached contributes zeros
-            for key in keys:
-                g = s.grad_sum.get(key)
-                parts.append(g.detach().to("cpu", torch.float64).flatten() if g is not None
-                             else torch.zeros(shapes[key](s.cand), dtype=torch.float64).flatten())
-        total = dd.all_reduce_sum(torch.cat(parts), group)
-        offset = 0
-        for s in sites:
-            for key in keys:
-                shape = shapes[key](s.cand)
-                n = math.prod(shape)
-                s.grad_sum[key] = total[offset:offset + n].view(shape)
-                offset += n
-    return sum(counts), int(table[:, 2].sum()), float(table[:, 3].max()) / 1e6
+        _merge_grad_sums(sites, probe, group)
+    return sum(counts), int(table[:, _BATCHES].sum()), float(table[:, _MICROSECONDS].max()) / 1e6
 
 
-def _validate(rank, projection, estimator, backend, seed, lora_alpha) -> list[int]:
+def _merge_sample_energies(sites, probe, num_samples, counts, group) -> None:
+    from . import distributed as dd
+
+    local = torch.zeros(len(sites), len(probe.seeds), num_samples, dtype=torch.float64)
+    for i, s in enumerate(sites):
+        if s.sample_energies:
+            local[i] = torch.cat(s.sample_energies, dim=1)
+    merged = dd.gather_columns(local, counts, group)  # [S, k, N], rank-major
+    for i, s in enumerate(sites):
+        s.sample_energies = [merged[i]]
+
+
+def _merge_grad_sums(sites, probe, group) -> None:
+    from . import distributed as dd
+
+    k = len(probe.seeds)
+    shapes = [energies.grad_sum_shapes(probe.projection, k, s.cand.out_features, probe.rank, s.cand.in_features)
+              for s in sites]
+    parts = []
+    for s, sh in zip(sites, shapes):  # a module this rank never reached contributes zeros
+        for key, shape in sh.items():
+            g = s.grad_sum.get(key)
+            parts.append(torch.zeros(shape, dtype=torch.float64) if g is None else g.detach().to("cpu", torch.float64))
+    total = dd.all_reduce_sum(torch.cat([t.flatten() for t in parts]), group)
+    offset = 0
+    for s, sh in zip(sites, shapes):
+        for key, shape in sh.items():
+            n = math.prod(shape)
+            s.grad_sum[key] = total[offset:offset + n].view(shape)
+            offset += n
+
+
+def _validate(rank, projection, estimator, backend, seed, lora_alpha, batches, loss_fn) -> list[int]:
+    """The arguments of :func:`page_scores` that need no model; returns the seeds as a list."""
+    if isinstance(batches, Mapping):
+        raise TypeError("batches must be an iterable of batch dicts; wrap a single batch in a list: [batch]")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable(model, batch) -> losses [B], got {type(loss_fn).__name__}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if projection not in PROJECTIONS:
@@ -329,12 +317,43 @@ def _validate(rank, projection, estimator, backend, seed, lora_alpha) -> list[in
     return seeds
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+def _input_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the batches go, and the model's activation dtype.
+
+    The input embedding's device, not the first parameter's: a model offloaded with accelerate
+    keeps offloaded weights on ``meta`` and its hooks name the device they compute on.
+    Fallbacks: the embedding's (or the model's) accelerate execution device, then the first
+    parameter or buffer that is not on ``meta``, then the CPU.
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+    weight = getattr(emb, "weight", None)
+    floats = [t for t in model.parameters() if t.is_floating_point()]
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else floats[0].dtype if floats else torch.float32
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device, dtype
+    for mod in (emb, model):
+        dev = getattr(getattr(mod, "_hf_hook", None), "execution_device", None)
+        if dev is not None:
+            return torch.device(dev), dtype
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type != "meta":
+            return t.device, dtype
+    return torch.device("cpu"), dtype
+
+
+def _check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse backend='triton' before any forward pass when the kernels cannot take this
+    model's tensors (a CPU model without TRITON_INTERPRET=1, float64, no triton): one launch
+    on a 1-element input runs the op's own checks."""
+    if backend == "triton":
+        u = torch.zeros(1, 1, 1, device=device, dtype=dtype)
+        ops.projected_energy(u, u, backend=backend)
 
 
 def _default_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.device, first_sample: int):
@@ -349,7 +368,7 @@ def _default_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.devi
         kwargs.setdefault("use_cache", False)
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
-    return causal_lm_losses(logits, labels.to(logits.device), first_sample)
+    return causal_lm_losses(logits, labels, first_sample)  # the batch's labels: checked where they are
 
 
 def _check_batch(batch: Any, index: int) -> None:
@@ -400,7 +419,8 @@ def page_scores(
             found (weights, ``requires_grad``, train/eval mode, hooks, ``.grad``), also on error.
             It runs in eval mode during the probe (no dropout), so scores are deterministic.
         batches: iterable of dicts with ``input_ids`` ``[B, T]``, optional ``attention_mask``
-            and ``labels`` (``-100`` ignored; default: ``input_ids`` where attended). Other
+            and ``labels`` (``-100`` ignored; default: ``input_ids`` where attended and
+            preceded by an attended token, so left and right padding agree). Other
             keys are passed to the model. Anything else when ``loss_fn`` is given.
         rank: LoRA rank ``r`` of the probe adapter.
         target_modules / exclude_modules: peft's forms: ``"all-linear"`` (``nn.Linear`` and
@@ -432,100 +452,163 @@ def page_scores(
         >>> scores.dominant_module                                     # doctest: +SKIP
         'model.layers.3.mlp.down_proj'
     """
-    seeds = _validate(rank, projection, estimator, backend, seed, lora_alpha)
-    if isinstance(batches, Mapping):
-        raise TypeError("batches must be an iterable of batch dicts; wrap a single batch in a list: [batch]")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable(model, batch) -> losses [B], got {type(loss_fn).__name__}")
+    seeds = _validate(rank, projection, estimator, backend, seed, lora_alpha, batches, loss_fn)
     from . import distributed as dd
 
     model, process_group = dd.unwrap(model, process_group)
     world_rank, world = dd.rank_and_world(process_group)
-    if world > 1 and dd.has_fsdp(model) and hasattr(batches, "__len__"):
-        counts = dd.gather_ints([len(batches)], process_group)[:, 0].tolist()
-        if len(set(counts)) > 1:
-            raise ValueError(
-                f"FSDP runs collectives in every forward, so every rank must probe the same number of batches; "
-                f"got {counts} per rank. Give each rank an equal share (e.g. a calibration set whose size "
-                f"divides by world_size x batch_size)"
-            )
+    if world > 1:
+        dd.check_equal_batch_counts(model, batches, process_group)
     candidates = find_candidates(model, target_modules, exclude_modules)
+    device, dtype = _input_device_dtype(model)
+    _check_backend(backend, device, dtype)
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = _Probe(rank, seeds, projection, estimator, scaling, backend)
     sites = [_Site(c, probe) for c in candidates]
-    device = _model_device(model)
+    bar = _progress_bar(batches) if progress and world_rank == 0 else None
+    num_samples, num_batches, elapsed = _run_all_ranks(model, batches, sites, loss_fn, device, bar, process_group)
+    if num_batches == 0:
+        raise ValueError("batches is empty: give at least one batch of calibration samples")
+    if world_rank == 0:
+        _warn_idle(sites)
+    config = {
+        "rank": rank, "projection": projection, "estimator": estimator, "seeds": seeds,
+        "lora_alpha": lora_alpha, "use_rslora": use_rslora, "scaling": scaling, "backend": backend,
+        "target_modules": _as_given(target_modules), "exclude_modules": _as_given(exclude_modules),
+    }
+    meta = {"probe_seconds": elapsed, "num_batches": num_batches, "torch": torch.__version__}
+    if world > 1:
+        meta.update({"world_size": world, "sample_order": "rank-major"})
+    return _collect(sites, num_samples, config, meta)
 
-    total = len(batches) if hasattr(batches, "__len__") else None
-    bar = None
-    if progress and world_rank == 0:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="PAGE probe", unit="batch", leave=False)
+def _run_all_ranks(model, batches, sites, loss_fn, device, bar, group) -> tuple[int, int, float]:
+    """:func:`_run` on this rank, then the ranks merged: ``(samples, batches, seconds)`` of all."""
+    from . import distributed as dd
+
+    world = dd.rank_and_world(group)[1]
+    probe = sites[0].probe
     t0 = time.perf_counter()
-    num_samples = 0
-    num_batches = 0
     try:
-        with frozen_eval(model), torch.enable_grad():
-            _keep_checkpointing(model)
-            handles = [s.cand.module.register_forward_hook(s.forward_hook) for s in sites]
-            try:
-                probe.active = True
-                for i, batch in enumerate(batches):
-                    if loss_fn is None:
-                        _check_batch(batch, i)
-                        losses = _default_loss(model, batch, device, num_samples)
-                    else:
-                        losses = loss_fn(model, batch)
-                    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
-                        raise ValueError(
-                            f"batch {i}: the loss must be a 1-D tensor with one loss per sample [B], got "
-                            f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}"
-                        )
-                    bad = (~torch.isfinite(losses.detach())).nonzero().flatten()
-                    if bad.numel():
-                        raise FloatingPointError(
-                            f"non-finite loss {float(losses.detach()[bad[0]])} for sample {num_samples + int(bad[0])}"
-                        )
-                    if not losses.requires_grad:
-                        raise RuntimeError(
-                            "the loss does not depend on any probed module output (did loss_fn run the model "
-                            "under torch.no_grad, or detach its result?)"
-                        )
-                    losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
-                    b = losses.numel()
-                    for s in sites:
-                        s.end_batch(b, num_samples)
-                    num_samples += b
-                    num_batches += 1
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(samples=num_samples)
-            finally:
-                probe.active = False
-                for h in handles:
-                    h.remove()
-    except Exception:
-        if world > 1:  # let the other ranks stop with an error instead of waiting for this one
-            dd.gather_ints([1, 0, 0, 0] + [0] * len(sites), process_group)
+        num_samples, num_batches = _run(model, batches, sites, probe, loss_fn, device, bar)
+    except BaseException:  # Ctrl-C too: the other ranks stop with an error instead of waiting for this one
+        if world > 1:
+            dd.gather_ints(_status_row(sites, failed=True), group)
         raise
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - t0
     if world > 1:
-        num_samples, num_batches, elapsed = _merge_ranks(sites, probe, num_samples, num_batches, elapsed, process_group)
-    if num_batches == 0:
-        raise ValueError("batches is empty: give at least one batch of calibration samples")
+        return _merge_ranks(sites, probe, num_samples, num_batches, elapsed, group)
+    return num_samples, num_batches, elapsed
 
-    idle = [s.cand.name for s in sites if not s.reached]
-    if idle and world_rank == 0:
+
+def _warn_idle(sites) -> None:
+    idle = [s.cand.name for s in sites if not s.got_grad]
+    if idle:
         warnings.warn(
             f"{len(idle)} candidate module(s) got no gradient (never ran, or off the loss path) and score 0: "
             f"{', '.join(idle[:5])}{', ...' if len(idle) > 5 else ''}",
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def _as_given(spec):
+    """A module selection as the config records it: a string (or None) as is, else a list."""
+    return spec if spec is None or isinstance(spec, str) else list(spec)
+
+
+def _progress_bar(batches):
+    from tqdm.auto import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None  # a generator has no length
+    return tqdm(total=total, desc="PAGE probe", unit="batch", leave=False)
+
+
+def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
+    """Forward and backward every batch with the hooks on; returns ``(samples, batches)``."""
+    num_samples = num_batches = 0
+    with frozen_eval(model), torch.enable_grad():
+        handles = [s.cand.module.register_forward_hook(s.forward_hook) for s in sites]
+        try:
+            probe.active = True
+            for i, batch in enumerate(batches):
+                if loss_fn is None:
+                    _check_batch(batch, i)
+                    losses = _default_loss(model, batch, device, num_samples)
+                else:
+                    losses = loss_fn(model, batch)
+                _check_losses(losses, i)
+                probe.batch_size = losses.numel()
+                losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
+                _end_batch(sites, losses.detach(), num_samples)
+                num_samples += losses.numel()
+                num_batches += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(samples=num_samples)
+        finally:
+            probe.active = False
+            for h in handles:
+                h.remove()
+    return num_samples, num_batches
+
+
+def _check_losses(losses: Any, index: int) -> None:
+    """Shape and graph of a batch's losses (no device sync; their values are checked after
+    backward, in :func:`_end_batch`)."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1 or losses.numel() == 0:
+        raise ValueError(
+            f"batch {index}: the loss must be a 1-D tensor with one loss per sample [B], got "
+            f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}"
+        )
+    if not losses.requires_grad:
+        raise RuntimeError(
+            "the loss does not depend on any probed module output (did loss_fn run the model "
+            "under torch.no_grad, or detach its result?)"
+        )
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float64 CPU copies of ``tensors``, in one transfer per device (one sync on a GPU)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for idx in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).to(torch.float64) for i in idx]).cpu()
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def _end_batch(sites, losses: torch.Tensor, first_sample: int) -> None:
+    """Check the batch's losses and energies (or gradient sums) in one host copy, then keep them."""
+    host = _to_host([losses] + [s.batch_check(losses.numel()) for s in sites])
+    bad = (~torch.isfinite(host[0])).nonzero().flatten()
+    if bad.numel():
+        raise FloatingPointError(f"non-finite loss {float(host[0][bad[0]])} for sample {first_sample + int(bad[0])}")
+    for s, h in zip(sites, host[1:]):
+        if s.probe.estimator == "fisher" and not torch.isfinite(h).all():
+            sample = first_sample + int((~torch.isfinite(h)).nonzero()[0, 1])
+            raise FloatingPointError(
+                f"non-finite PAGE energy for module {s.cand.name} at sample {sample}: the model's "
+                f"activations or gradients overflow there (try float32, or drop that sample)"
+            )
+        if s.probe.estimator == "gradient" and not bool(h[0]):
+            raise FloatingPointError(
+                f"non-finite summed gradient for module {s.cand.name} in the batch starting at sample "
+                f"{first_sample}: the model's gradients overflow (try float32, or find the sample with estimator='fisher')"
+            )
+        s.end_batch(h)
+
+
+def _collect(sites, num_samples: int, config: dict, meta: dict) -> PageScores:
+    """The :class:`PageScores` of the sites' sums (merged over ranks already)."""
+    seeds = config["seeds"]
     by_seed: dict[int, dict[str, float]] = {s: {} for s in seeds}
-    per_sample: dict[str, torch.Tensor] | None = {} if estimator == "fisher" else None
+    per_sample: dict[str, torch.Tensor] | None = {} if config["estimator"] == "fisher" else None
     for site in sites:
         vals, per = site.results(num_samples)
         for j, s in enumerate(seeds):
@@ -534,15 +617,6 @@ def page_scores(
             per_sample[site.cand.name] = per
     names = [s.cand.name for s in sites]
     scores = {n: float(sum(by_seed[s][n] for s in seeds) / len(seeds)) for n in names}
-    modules = {c.name: ModuleInfo(c.layer, c.type, c.in_features, c.out_features) for c in candidates}
-    config = {
-        "rank": rank, "projection": projection, "estimator": estimator, "seeds": seeds,
-        "lora_alpha": lora_alpha, "use_rslora": use_rslora, "scaling": scaling, "backend": backend,
-        "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
-        "exclude_modules": exclude_modules if exclude_modules is None or isinstance(exclude_modules, str)
-        else list(exclude_modules),
-    }
-    meta = {"probe_seconds": elapsed, "num_batches": num_batches, "torch": torch.__version__}
-    if world > 1:
-        meta.update({"world_size": world, "sample_order": "rank-major"})
+    modules = {s.cand.name: ModuleInfo(s.cand.layer, s.cand.type, s.cand.in_features, s.cand.out_features)
+               for s in sites}
     return PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta)

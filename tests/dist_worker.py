@@ -26,6 +26,7 @@ from helpers import COMBOS  # noqa: E402
 
 from domlora_kernels import page_scores  # noqa: E402
 from domlora_kernels.distributed import shard  # noqa: E402
+from domlora_kernels.losses import causal_lm_losses, default_labels  # noqa: E402
 
 # 5 batches of uneven sizes: 2 ranks get 3 and 2 batches (7 and 6 samples)
 LENGTHS = [[9, 5, 12], [7, 12], [4, 11, 6], [10, 3], [8, 8, 5, 12]]
@@ -46,6 +47,24 @@ def probe_all(model, batches):
                         seed=seeds_for(projection), progress=False)
         out[f"{projection}-{estimator}"] = s.to_dict()
     return out
+
+
+def interrupted_probe(batches, interrupt: bool) -> str | None:
+    """Probe with a loss that raises KeyboardInterrupt at the second batch when ``interrupt``."""
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append(batch)
+        if interrupt and len(seen) == 2:
+            raise KeyboardInterrupt
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return causal_lm_losses(logits, default_labels(batch["input_ids"], batch["attention_mask"]))
+
+    try:
+        page_scores(tiny_model("llama", torch.float64), batches, rank=3, loss_fn=loss_fn, progress=False)
+    except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt is what this records
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def main(out_dir: str) -> None:
@@ -122,6 +141,10 @@ def main(out_dir: str) -> None:
         res["error"] = None
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {e}"
+
+    # 5. Ctrl-C on one rank mid-probe: it re-raises KeyboardInterrupt, the others get an error
+    # instead of waiting for it forever (the test's subprocess timeout catches a hang)
+    res["interrupt"] = interrupted_probe(shard(batches), rank == world - 1)
 
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()

@@ -20,7 +20,7 @@ import torch
 
 from dist_worker import COMBOS, all_batches, seeds_for
 from domlora_kernels import PageScores, page_scores
-from domlora_kernels.distributed import is_active, rank_and_world, shard
+from domlora_kernels.distributed import rank_and_world, shard
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,13 @@ def test_error_on_one_rank_stops_all(ranks):
     assert ranks[0]["error"] == "RuntimeError: rank(s) [1] failed during the probe (see their error); stopping this rank too"
 
 
+def test_keyboard_interrupt_on_one_rank_stops_all(ranks):
+    """Ctrl-C on rank 1 mid-probe: rank 1 re-raises it, rank 0 raises instead of hanging (a
+    hang would run into the fixture's subprocess timeout)."""
+    assert ranks[1]["interrupt"] == "KeyboardInterrupt: "
+    assert ranks[0]["interrupt"] == "RuntimeError: rank(s) [1] failed during the probe (see their error); stopping this rank too"
+
+
 # ------------------------------------------------------------- no torchrun needed
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 3), (5, 2), (7, 3), (12, 4)])
 def test_shard_is_contiguous_balanced_and_complete(n, world):
@@ -124,8 +131,25 @@ def test_shard_is_contiguous_balanced_and_complete(n, world):
     assert [len(p) for p in parts] == sorted((len(p) for p in parts), reverse=True)
 
 
+def test_init_from_env_binds_the_local_gpu_for_nccl(monkeypatch):
+    """Under torchrun, NCCL needs each rank on its own GPU: LOCAL_RANK, not cuda:0 for all."""
+    import domlora_kernels.distributed as dd
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.append(("init", backend)))
+    assert dd.init_from_env("nccl") is True
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    calls.clear()
+    assert dd.init_from_env("gloo") is True
+    assert calls == [("init", "gloo")]
+
+
 def test_shard_defaults_and_errors():
-    assert not is_active() and rank_and_world() == (0, 1)
+    assert not torch.distributed.is_initialized() and rank_and_world() == (0, 1)
     assert shard((1, 2, 3)) == [1, 2, 3]
     with pytest.raises(ValueError, match="both rank and world_size"):
         shard([1], rank=0)

@@ -33,6 +33,25 @@ def test_real_model_shape(smol):
     assert tok.chat_template is not None
 
 
+def test_real_model_loss_equals_transformers_loss(smol, batches):
+    """causal_lm_losses against transformers' own loss, one unpadded sample at a time (B=1),
+    with the calibration labels (prompt tokens are -100)."""
+    from domlora_kernels.losses import causal_lm_losses, default_labels
+
+    model, _ = smol
+    checked = 0
+    for batch in batches:
+        labels = batch.get("labels", default_labels(batch["input_ids"], batch["attention_mask"]))
+        for b in range(batch["input_ids"].shape[0]):
+            length = int(batch["attention_mask"][b].sum())
+            ids, lab = batch["input_ids"][b:b + 1, :length], labels[b:b + 1, :length]
+            with torch.no_grad():
+                out = model(input_ids=ids, labels=lab, use_cache=False)
+            assert float(causal_lm_losses(out.logits, lab)[0]) == pytest.approx(float(out.loss), rel=1e-6)
+            checked += 1
+    assert checked == 4
+
+
 def test_real_model_matches_naive_autograd(smol, batches):
     model, _ = smol
     got = page_scores(model, batches, rank=8, progress=False)
