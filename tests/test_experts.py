@@ -292,3 +292,34 @@ def test_by_expert_round_trips_through_json(tmp_path):
     assert back.modules[name].num_experts == 4
     assert torch.equal(back.lora_A[name], got.lora_A[name])
     assert sum(got.by_expert[name]) == pytest.approx(got.scores[name], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_cli_probe_ranks_expert_weights_of_a_saved_moe_model(tmp_path, capsys):
+    """`domlora probe --model <folder>` on a tiny Mixtral saved with save_pretrained."""
+    import json
+
+    import transformers as tf
+
+    from domlora_kernels.cli import main
+    from domlora_kernels.models import load_model
+
+    _, tok = load_model()  # the embedded model's tokenizer, saved next to the tiny MoE
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    tf.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    out = tmp_path / "r.json"
+    assert main(["probe", "--model", str(tmp_path / "moe"), "--num-samples", "8", "--batch-size", "4",
+                 "--max-length", "256", "--top", "12", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    experts = [m for m in report["modules"] if "experts" in m]
+    assert [m["name"] for m in experts] == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                            for p in ("gate_up_proj", "down_proj")]
+    for m in experts:
+        assert m["type"] == "experts." + m["name"].rsplit(".", 1)[1] and m["num_experts"] == 4
+        assert sum(m["experts"]) == pytest.approx(m["page"], rel=1e-9) and m["page"] > 0
+        assert f"{m['name']}  [4 experts]" in text
+    assert len(report["modules"]) == 12  # q, k, v, o and the two expert weights, in both layers
