@@ -219,6 +219,21 @@ def test_expert_page_matches_peft_target_parameters(arch):
         assert got.lora_A[name].shape == (4 * i.num_experts, i.in_features)  # peft's lora_A, ready to copy
 
 
+@pytest.mark.parametrize("projection", ["A", "expected"])
+def test_float64_is_exact(projection, naive_by_arch):
+    """In float64 (eager experts: grouped_mm takes no float64) the probe is exact to rounding."""
+    from domlora_kernels import page_scores
+    from tiny_moe import naive_expert_energies
+
+    model = tiny_moe("gpt_oss", torch.float64, experts_implementation="eager")
+    got = page_scores(model, _batches(), rank=3, seed=5, lora_alpha=6, projection=projection,
+                      target_modules=r".*experts\..*", progress=False)
+    ref = naive_expert_energies(model, _batches(), rank=3, seed=5, lora_alpha=6)
+    for name, want in ref.items():
+        per = want["A"] if projection == "A" else want["full"] * 4 * 3 / (3 * got.modules[name].in_features)
+        assert rel_err(torch.tensor(got.by_expert[name]), per.mean(dim=0)) < 1e-10, name
+
+
 def test_two_seeds_and_AB_in_one_pass():
     from domlora_kernels import page_scores
     from tiny_moe import naive_expert_energies
