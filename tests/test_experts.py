@@ -196,7 +196,7 @@ def test_expert_page_matches_naive_autograd(arch, projection, estimator, naive_b
         if projection == "expected":  # r / (3n) ||G_e||^2, scaled
             want = want * s2 * 3 / (3 * got.modules[name].in_features)
         per_expert = want.mean(dim=0) if estimator == "fisher" else want  # [E]
-        assert rel_err(torch.tensor(got.by_expert[name]), per_expert) < TOL, name
+        assert rel_err(torch.tensor(got.by_expert[name], dtype=torch.float64), per_expert) < TOL, name
         assert got.scores[name] == pytest.approx(float(per_expert.sum()), rel=TOL), name
         if estimator == "fisher":  # per sample: the sum over the experts
             assert rel_err(got.per_sample[name][0], want.sum(dim=1)) < TOL, name
@@ -213,7 +213,7 @@ def test_expert_page_matches_peft_target_parameters(arch):
                       progress=False)
     want = peft_expert_energies(model, _batches(), rank=4, lora_alpha=8, seed=3)
     for name, per in want.items():  # [N, E]
-        assert rel_err(torch.tensor(got.by_expert[name]), per.mean(dim=0)) < TOL, name
+        assert rel_err(torch.tensor(got.by_expert[name], dtype=torch.float64), per.mean(dim=0)) < TOL, name
         assert rel_err(got.per_sample[name][0], per.sum(dim=1)) < TOL, name
         i = got.modules[name]
         assert got.lora_A[name].shape == (4 * i.num_experts, i.in_features)  # peft's lora_A, ready to copy
@@ -231,7 +231,7 @@ def test_float64_is_exact(projection, naive_by_arch):
     ref = naive_expert_energies(model, _batches(), rank=3, seed=5, lora_alpha=6)
     for name, want in ref.items():
         per = want["A"] if projection == "A" else want["full"] * 4 * 3 / (3 * got.modules[name].in_features)
-        assert rel_err(torch.tensor(got.by_expert[name]), per.mean(dim=0)) < 1e-10, name
+        assert rel_err(torch.tensor(got.by_expert[name], dtype=torch.float64), per.mean(dim=0)) < 1e-10, name
 
 
 def test_two_seeds_and_AB_in_one_pass():
@@ -293,7 +293,7 @@ def test_gradient_checkpointing_gives_the_same_expert_scores(use_reentrant):
     assert len(calls) == 2 * len(_batches()), "the layer was not recomputed: checkpointing was not active"
     assert plain.by_expert.keys() == ckpt.by_expert.keys() and plain.by_expert
     for name, vals in plain.by_expert.items():
-        assert rel_err(torch.tensor(ckpt.by_expert[name]), torch.tensor(vals)) < 1e-6
+        assert rel_err(torch.tensor(ckpt.by_expert[name], dtype=torch.float64), torch.tensor(vals, dtype=torch.float64)) < 1e-6
 
 
 def test_by_expert_round_trips_through_json(tmp_path):
