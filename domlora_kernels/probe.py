@@ -545,8 +545,10 @@ def page_scores(
             keys are passed to the model. Anything else when ``loss_fn`` is given.
         rank: LoRA rank ``r`` of the probe adapter.
         target_modules / exclude_modules: peft's forms: ``"all-linear"`` (``nn.Linear`` and
-            ``Conv1D`` except the output embedding), a list of names or dotted suffixes, or a
-            regex matching whole names.
+            ``Conv1D`` except the output embedding, and the expert weights of transformers'
+            mixture-of-experts blocks, e.g. ``model.layers.3.mlp.experts.down_proj``), a list of
+            names or dotted suffixes (``"experts.down_proj"``), or a regex matching whole names.
+            A 3D weight of unknown layout in the selection raises an error naming it.
         projection: ``"A"`` (energy of ``dL/dB`` at peft's default init), ``"B"`` (energy of
             ``dL/dA`` for a random nonzero B), ``"AB"`` (both), ``"expected"`` (expectation over
             A: ``r / (3n) ||G||^2``).
@@ -566,7 +568,8 @@ def page_scores(
             batches on every rank. See :mod:`domlora_kernels.distributed`.
 
     Returns:
-        :class:`PageScores`.
+        :class:`PageScores`. An expert weight's score is the sum over its experts (what one
+        peft ``target_parameters`` adapter on it gets); ``by_expert`` has each expert's.
 
     Example:
         >>> scores = page_scores(model, [{"input_ids": ids}], rank=8)  # doctest: +SKIP
