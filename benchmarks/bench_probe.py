@@ -174,7 +174,7 @@ def make_ids(model: torch.nn.Module, batch: int, tokens: int) -> torch.Tensor:
 def candidate_params(model) -> int:
     from domlora_kernels.candidates import find_candidates
 
-    return sum(c.module.weight.numel() for c in find_candidates(model))
+    return sum(c.weight.numel() for c in find_candidates(model))
 
 
 def mem_available() -> int | None:

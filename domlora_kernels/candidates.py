@@ -44,6 +44,11 @@ class Candidate:
         return layer_index(self.name)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The adapted weight: the module's ``weight``, or the expert parameter (``[E, ., .]``)."""
+        return getattr(self.module, self.parameter or "weight")
+
+    @property
     def type(self) -> str:
         """``down_proj``; ``experts.down_proj`` for an expert weight (apart from a shared expert's)."""
         if self.parameter is not None:
