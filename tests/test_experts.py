@@ -132,6 +132,8 @@ def test_candidates_take_expert_weights_in_model_order():
     experts = {c.name: c for c in cands if c.parameter is not None}
     down = experts["model.layers.1.mlp.experts.down_proj"]
     assert (down.type, down.layer, down.num_experts, down.in_features, down.out_features) == ("experts.down_proj", 1, 4, 24, 32)
+    assert down.weight is model.model.layers[1].mlp.experts.down_proj
+    assert cands[0].weight is model.model.layers[0].self_attn.q_proj.weight
     assert all(c.type != "gate" for c in cands)  # routers are no candidates, as in peft
     picked = find_candidates(model, ["experts.down_proj"])
     assert [c.name for c in picked] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
