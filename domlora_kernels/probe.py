@@ -759,6 +759,6 @@ def _collect(sites, num_samples: int, config: dict, meta: dict) -> PageScores:
     names = [s.cand.name for s in sites]
     scores = {n: float(sum(by_seed[s][n] for s in seeds) / len(seeds)) for n in names}
     modules = {s.cand.name: ModuleInfo(s.cand.layer, s.cand.type, s.cand.in_features, s.cand.out_features,
-                                       s.cand.num_experts) for s in sites}
+                                       s.cand.num_experts, s.cand.parameter is not None) for s in sites}
     by_expert = {s.cand.name: s.by_expert.mean(dim=0).tolist() for s in sites if isinstance(s, _ExpertSite)}
     return PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta, by_expert)

@@ -23,7 +23,8 @@ class ModuleInfo:
     type: str
     in_features: int  # of each expert, for an expert weight
     out_features: int
-    num_experts: int = 1  # > 1: a 3D expert weight, adapted by peft through target_parameters
+    num_experts: int = 1
+    expert_weight: bool = False  # a 3D expert parameter, which peft adapts through target_parameters
 
 
 @dataclass
@@ -115,7 +116,7 @@ class PageScores:
         for i, (name, val) in enumerate(ranked, 1):
             info = self.modules[name]
             layer = "-" if info.layer is None else str(info.layer)
-            experts = f"  [{info.num_experts} experts]" if info.num_experts > 1 else ""
+            experts = f"  [{info.num_experts} experts]" if info.expert_weight else ""
             rows.append(f"{i:>3}  {100 * shares[name]:>6.2f}%  {layer:>5}  {info.type:<{width}} {val:>11.4e}  {name}{experts}")
         return "\n".join(rows)
 
@@ -129,7 +130,7 @@ class PageScores:
             "modules": [
                 {"name": n, "layer": i.layer, "type": i.type, "in_features": i.in_features,
                  "out_features": i.out_features, "page": self.scores[n], "share": self.shares[n],
-                 **({"num_experts": i.num_experts, "experts": self.by_expert[n]} if n in self.by_expert else {})}
+                 **({"num_experts": i.num_experts, "experts": self.by_expert[n]} if i.expert_weight else {})}
                 for n, i in self.modules.items()
             ],
             "by_seed": {str(s): v for s, v in self.by_seed.items()},
@@ -151,7 +152,8 @@ class PageScores:
         if schema != SCHEMA:
             raise ValueError(f"not a PAGE report of schema {SCHEMA!r} (found {schema!r})")
         modules = {
-            m["name"]: ModuleInfo(m["layer"], m["type"], m["in_features"], m["out_features"], m.get("num_experts", 1))
+            m["name"]: ModuleInfo(m["layer"], m["type"], m["in_features"], m["out_features"], m.get("num_experts", 1),
+                                  "experts" in m)
             for m in d["modules"]
         }
         per_sample = d.get("per_sample")

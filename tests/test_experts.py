@@ -306,7 +306,7 @@ def test_by_expert_round_trips_through_json(tmp_path):
     back = PageScores.from_json(got.to_json(tmp_path / "s.json"))
     assert back.by_expert == got.by_expert and len(got.by_expert) == 4
     name = "model.layers.1.mlp.experts.down_proj"
-    assert back.modules[name].num_experts == 4
+    assert back.modules[name].num_experts == 4 and back.modules[name].expert_weight
     assert torch.equal(back.lora_A[name], got.lora_A[name])
     assert sum(got.by_expert[name]) == pytest.approx(got.scores[name], rel=1e-12)
 
