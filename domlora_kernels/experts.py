@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import ops
+from .energies import ieee_fp32
 from .lora_init import draw_lora_A, draw_lora_B
 
 # The 3D weight parameters of a transformers experts module, in the order they run.
@@ -306,7 +307,7 @@ def keep_routed(x: torch.Tensor, routing: Routing, projection: str, a_cat: torch
     """
     proj = None
     if projection in ("A", "AB"):
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():
             proj = expert_linear(x, a_cat, routing, transposed=False)  # [S_e, n] @ [n, k*r]
     return RoutedKept(proj, x if projection != "A" else None, routing)
 
