@@ -3,6 +3,7 @@
     python benchmarks/bench_probe.py --workload headline      # the headline table (~3 min on 2 cores)
     python benchmarks/bench_probe.py --workload all           # headline + every sweep + plots
     python benchmarks/bench_probe.py --workload tokens        # one sweep: tokens|batch|rank|width
+    python benchmarks/bench_probe.py --workload moe           # a Mixtral-shaped mixture of experts
     python benchmarks/bench_probe.py --plot-only              # plots from the saved JSON
 
 Providers (benchmarks/providers.py), all on the same model and the same token ids:
@@ -73,6 +74,11 @@ WIDTHS = [
     ("llama3.2-1B-shape", llama(2048, 8192, 16, 32, 8)),
 ]
 
+# A Mixtral-shaped mixture of experts (8 experts, top 2, intermediate 3.5x hidden as in
+# Mixtral-8x7B), small enough to time on 2 CPU cores.
+MIXTRAL_SHAPE = {"model": "mixtral", "hidden": 512, "intermediate": 1792, "layers": 4, "heads": 8, "kv_heads": 2,
+                 "experts": 8, "top_k": 2, "vocab": 32000}
+
 ALL_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample", "torch.func", "probe-expected", "opacus"]
 SWEEP_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample"]
 
@@ -90,6 +96,7 @@ def workloads() -> dict[str, list[dict]]:
         # rank changes only the probe (and the naive projections): floor as the reference
         "rank": [pt(f"r={r}", SMOLLM2, 8, 128, r, ["probe", "floor", "autograd"], memory=False) for r in (1, 8, 64, 256)],
         "width": [pt(label, spec, 1, 128, 8) for label, spec in WIDTHS],
+        "moe": [pt("mixtral-shape B=4 T=128 r=8", MIXTRAL_SHAPE, 4, 128, 8)],
     }
 
 
@@ -148,6 +155,16 @@ def build_model(spec: dict) -> torch.nn.Module:
         from domlora_kernels.models import load_model
 
         model, _ = load_model()
+    elif spec["model"] == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(
+            hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
+            num_local_experts=spec["experts"], num_experts_per_tok=spec["top_k"], tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(cfg)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -538,7 +555,7 @@ def main(argv=None) -> int:
             print(f"wrote {p.relative_to(ROOT)}")
         return 0
     t0 = time.perf_counter()
-    names = ["tokens", "batch", "rank", "width", "headline"] if args.workload == "all" else args.workload.split(",")
+    names = ["tokens", "batch", "rank", "width", "moe", "headline"] if args.workload == "all" else args.workload.split(",")
     bad = [n for n in names if n not in workloads()]
     if bad:
         ap.error(f"unknown workload {', '.join(bad)}; choose from {', '.join(workloads())}, or all")
