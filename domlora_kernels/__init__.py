@@ -6,6 +6,7 @@
 """
 
 from .probe import PROJECTIONS, ESTIMATORS, page_scores
+from .errors import MissingExtraError
 from .scores import PageScores
 
 # these modules import peft / matplotlib inside the functions that need them, so importing them here is cheap
@@ -17,5 +18,6 @@ __all__ = [
     "page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS",
     "domlora_config", "apply_domlora", "Placement", "VARIANTS",
     "confidence", "Confidence", "compare", "Comparison", "plot_heatmap", "plot_top", "text_report",
+    "MissingExtraError",
 ]
 __version__ = "0.1.0"

@@ -12,9 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import MissingExtraError
+from .ops import BACKENDS
 from .probe import ESTIMATORS, PROJECTIONS
 
 DEFAULT_OUT = Path("domlora_out") / "page_scores.json"
+DEFAULT_ADAPTER_ALPHA = 16.0  # `apply` without --lora-alpha: peft's customary alpha = 2 r at r = 8
+
+# a user's mistake: one "error:" line and exit status 2 (see errors.py); anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, MissingExtraError)
 
 
 def _positive(kind):
@@ -45,8 +51,22 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--estimator", choices=ESTIMATORS, default="fisher")
     g.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha/rank as in peft (default: scaling 1)")
     g.add_argument("--target-modules", default="all-linear", help='"all-linear", a regex, or comma-separated names/suffixes')
-    g.add_argument("--backend", default="auto", help="ops backend (auto, torch, triton)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="ops backend (default auto: triton on CUDA tensors)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _budget(text: str) -> int | float | str:
+    """``--budget``: "1%" stays a string, "20000" is a parameter count, "0.01" a fraction (domlora_config checks the range)."""
+    if text.strip().endswith("%"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a parameter count (20000), a fraction (0.01) or a percentage (1%), got {text!r}") from None
 
 
 def _target(text: str):
@@ -56,8 +76,7 @@ def _target(text: str):
 
 
 def _seeds(args: argparse.Namespace):
-    n = getattr(args, "seeds", 1)
-    return args.seed if n == 1 else list(range(args.seed, args.seed + n))
+    return args.seed if args.seeds == 1 else list(range(args.seed, args.seed + args.seeds))
 
 
 def _confidence(scores, args: argparse.Namespace):
@@ -69,8 +88,9 @@ def _confidence(scores, args: argparse.Namespace):
     return conf
 
 
-def run_probe(args: argparse.Namespace):
-    """Load the model and data named by ``args`` and probe; returns ``(scores, model, tokenizer)``."""
+def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False):
+    """Load the model and data named by ``args`` and probe at the LoRA scaling of ``lora_alpha``
+    (``use_rslora``: ``alpha / sqrt(rank)``); returns ``(scores, model, tokenizer)``."""
     import torch
 
     from .data import load_calibration, make_batches, read_jsonl
@@ -82,7 +102,7 @@ def run_probe(args: argparse.Namespace):
     model, tok = load_model(args.model)
     t_load = time.perf_counter() - t0
     if args.data is not None and args.tasks is not None:
-        raise SystemExit("error: --tasks selects from the shipped calibration set; drop it when giving --data")
+        raise ValueError("--tasks selects from the shipped calibration set; drop it when giving --data")
     records = read_jsonl(args.data) if args.data else load_calibration(args.tasks.split(",") if args.tasks else None)
     if args.num_samples is not None:
         records = records[: args.num_samples]
@@ -94,9 +114,8 @@ def run_probe(args: argparse.Namespace):
         model.to(torch.device("cuda", torch.cuda.current_device()))
     scores = page_scores(
         model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
-        estimator=args.estimator, seed=_seeds(args), lora_alpha=args.lora_alpha, backend=args.backend,
-        use_rslora=getattr(args, "variant", None) == "rslora",  # `apply --variant rslora`: probe at its scaling
-        progress=not args.no_progress,
+        estimator=args.estimator, seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend,
+        use_rslora=use_rslora, progress=not args.no_progress,
     )
     tasks = sorted({r.get("task", "user") for r in records})
     scores.meta.update({
@@ -112,8 +131,9 @@ def run_probe(args: argparse.Namespace):
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from .distributed import rank_and_world
+    from .report import text_report
 
-    scores, _, _ = run_probe(args)
+    scores, _, _ = run_probe(args, lora_alpha=args.lora_alpha)
     if rank_and_world()[0] != 0:  # every rank holds the same merged scores; rank 0 reports
         return 0
     m = scores.meta
@@ -124,16 +144,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     print(f"probe: rank {c['rank']}, projection {c['projection']}, estimator {c['estimator']}, {seeds}, "
           f"{len(scores.scores)} modules; load {m['load_seconds']:.1f} s, probe {m['probe_seconds']:.1f} s")
     print()
-    print(scores.table(args.top))
-    print()
-    dom = scores.dominant_module
-    info = scores.modules[dom]
-    print(f"dominant module: {dom} (layer {info.layer}, {info.type}, share {100 * scores.shares[dom]:.1f}% of "
-          f"{len(scores.scores)} modules)")
     conf = _confidence(scores, args)
-    print(conf.sentence())
-    if conf.seed_spearman is not None:
-        print(f"rank agreement between the {conf.num_seeds} seeds: mean pairwise Spearman {conf.seed_spearman:.3f}")
+    print(text_report(scores, conf, top=args.top))
     path = scores.to_json(args.out)
     print(f"report: {path}")
     if args.plot:
@@ -147,23 +159,21 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     import json
 
+    from .distributed import rank_and_world
     from .placement import apply_domlora
 
     if args.variant == "adalora" and args.total_step is None:
         raise ValueError("--variant adalora needs --total-step (the number of training steps AdaLoRA schedules over)")
-    if args.lora_alpha is None:
-        # probe with the adapter's own alpha: the report's PAGE is then the adapter's first ||lora_B.grad||^2
-        args.lora_alpha = 16.0
-    from .distributed import rank_and_world
-
-    scores, model, _ = run_probe(args)
+    # probe with the adapter's own alpha and scaling rule: the report's PAGE is then the adapter's first ||lora_B.grad||^2
+    alpha = DEFAULT_ADAPTER_ALPHA if args.lora_alpha is None else args.lora_alpha
+    scores, model, _ = run_probe(args, lora_alpha=alpha, use_rslora=args.variant == "rslora")
     if rank_and_world()[0] != 0:  # under torchrun every rank has the same scores; rank 0 writes
         return 0
     conf = _confidence(scores, args)
     print(conf.sentence())
     extra = {"total_step": args.total_step} if args.variant == "adalora" else {}
-    pm = apply_domlora(model, scores, r=args.rank, lora_alpha=args.lora_alpha, top_k=args.top_k, variant=args.variant,
-                       rank_pattern=args.rank_pattern, verbose=True, **extra)
+    pm = apply_domlora(model, scores, r=args.rank, lora_alpha=alpha, top_k=args.top_k, variant=args.variant,
+                       rank_pattern=args.rank_pattern, budget=args.budget, top_p=args.top_p, verbose=True, **extra)
     out = Path(args.out_dir)
     pm.save_pretrained(out)
     scores.to_json(out / "page_scores.json")
@@ -201,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("apply", help="probe, then save a peft adapter on the top-PAGE module(s), lora_A set to the probe's A")
     add_probe_args(p)
-    p.add_argument("--top-k", type=_positive(int), default=1, help="adapt the K highest-PAGE modules (default 1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--top-k", type=_positive(int), default=None, help="adapt the K highest-PAGE modules (default 1)")
+    g.add_argument("--budget", type=_budget, default=None,
+                   help="trainable parameters: a count (20000), a fraction (0.01) or a percentage (1%%) of vanilla LoRA "
+                        "on all probed modules at --rank; modules by PAGE per parameter, ranks up to --rank")
+    g.add_argument("--top-p", type=float, default=None, help="like --budget, until the adapters carry this fraction of the PAGE mass")
     p.add_argument("--variant", choices=("lora", "dora", "rslora", "adalora"), default="lora")
     p.add_argument("--rank-pattern", choices=("page",), default=None, help="page: ranks proportional to PAGE over the top-k")
     p.add_argument("--total-step", type=_positive(int), default=None, help="training steps (required by --variant adalora)")
@@ -225,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         owned = init_from_env()  # under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

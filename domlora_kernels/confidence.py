@@ -10,80 +10,21 @@ draw (``per_sample[name]``, ``[k, N]``). From them, without probing again:
   PAGE per module (mean over seeds, as in ``scores.scores``) and an argmax;
 - concentration: the top-1 share and the normalised entropy of the PAGE distribution.
 
-The rank correlations (:func:`spearman`, :func:`kendall_tau`) are implemented here in torch
-so that scipy stays a test-only dependency; both average ties (Spearman) or correct for them
-(Kendall's tau-b), as scipy does.
+The statistics themselves live in :mod:`~domlora_kernels.stats`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .scores import PageScores, entropy_concentration
-
-
-# ------------------------------------------------------------------ rank statistics
-def rankdata(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (1-based, ties share the mean of their ranks) along the last dim, float64.
-
-    ``[..., M] -> [..., M]``. Pairwise counting, ``O(M^2)``: for the few hundred modules of a
-    model this is one small broadcast and exact for ties, with no sort-and-scan.
-
-    >>> rankdata(torch.tensor([3.0, 1.0, 3.0]))
-    tensor([2.5000, 1.0000, 2.5000], dtype=torch.float64)
-    """
-    x = x.to(torch.float64)
-    less = (x.unsqueeze(-1) > x.unsqueeze(-2)).sum(-1)  # how many are smaller than each
-    equal = (x.unsqueeze(-1) == x.unsqueeze(-2)).sum(-1)  # including itself
-    return less.to(torch.float64) + (equal.to(torch.float64) + 1) / 2
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    a, b = a - a.mean(), b - b.mean()
-    den = math.sqrt(float(a.square().sum()) * float(b.square().sum()))
-    return None if den == 0 else float((a * b).sum()) / den
-
-
-def spearman(x, y) -> float | None:
-    """Spearman rank correlation of two equal-length vectors (ties averaged); None if either is constant.
-
-    >>> spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])
-    -1.0
-    """
-    x, y = _as_pair(x, y)
-    return _pearson(rankdata(x), rankdata(y))
-
-
-def kendall_tau(x, y) -> float | None:
-    """Kendall's tau-b of two equal-length vectors (tie-corrected); None if either is constant.
-
-    ``tau_b = (concordant - discordant) / sqrt((n0 - ties_x) (n0 - ties_y))`` over the
-    ``n0 = M (M - 1) / 2`` pairs; ``O(M^2)`` memory and time.
-
-    >>> kendall_tau([1.0, 2.0, 3.0], [1.0, 3.0, 2.0])
-    0.3333333333333333
-    """
-    x, y = _as_pair(x, y)
-    sx = torch.sign(x.unsqueeze(0) - x.unsqueeze(1))
-    sy = torch.sign(y.unsqueeze(0) - y.unsqueeze(1))
-    m = x.numel()
-    n0 = m * (m - 1) / 2
-    ties_x = (float((sx == 0).sum()) - m) / 2  # off-diagonal tied pairs, each counted twice
-    ties_y = (float((sy == 0).sum()) - m) / 2
-    den = math.sqrt((n0 - ties_x) * (n0 - ties_y))
-    return None if den == 0 else float((sx * sy).sum()) / 2 / den
-
-
-def _as_pair(x, y) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.as_tensor(x, dtype=torch.float64).flatten()
-    y = torch.as_tensor(y, dtype=torch.float64).flatten()
-    if x.numel() != y.numel() or x.numel() < 2:
-        raise ValueError(f"rank correlation needs two vectors of the same length >= 2, got {x.numel()} and {y.numel()}")
-    return x, y
+from .scores import PageScores
+from .stats import (  # noqa: F401 - floor_percent, kendall_tau, rankdata, spearman: still importable from here
+    argmax_counts, bootstrap_means, entropy_concentration, floor_percent, kendall_tau, mean_pairwise_spearman,
+    rankdata, share_quantiles, spearman,
+)
 
 
 # ------------------------------------------------------------------ confidence
@@ -94,7 +35,6 @@ class Confidence:
     Attributes:
         dominant: the probe's dominant module (argmax of ``scores.scores``).
         share: its PAGE share.
-        top1_share: the largest share (same as ``share``; kept for the concentration pair).
         entropy: normalised entropy of the PAGE distribution (0 all on one, 1 flat).
         num_seeds: A seeds probed.
         seed_top1: name -> number of seeds whose PAGE argmax it is.
@@ -109,7 +49,6 @@ class Confidence:
 
     dominant: str
     share: float
-    top1_share: float
     entropy: float
     num_seeds: int
     seed_top1: dict[str, int]
@@ -149,15 +88,12 @@ class Confidence:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Confidence":
+        """Read :meth:`to_dict`'s form; keys it does not know (``sentence``, the ``top1_share`` that
+        reports written before it was dropped carry, equal to ``share``) are ignored."""
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if d.get("share_interval") is not None:
             d["share_interval"] = {k: (float(v[0]), float(v[1])) for k, v in d["share_interval"].items()}
         return cls(**d)
-
-
-def floor_percent(fraction: float) -> int:
-    """``fraction`` in whole percent, rounded down, so that 100 means all (199/200 reads 99)."""
-    return math.floor(100 * fraction + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
 
 
 def _check(scores: PageScores, num_resamples: int, seed: int) -> None:
@@ -200,54 +136,38 @@ def confidence(scores: PageScores, num_resamples: int = 200, seed: int = 0) -> C
     names = list(scores.scores)
     seeds = scores.seeds
     dominant = scores.dominant_module
-    shares = scores.shares
-    vals = [scores.scores[n] for n in names]
-
     # seeds: [M, k] PAGE per seed
     per_seed = torch.tensor([[scores.by_seed[s][n] for s in seeds] for n in names], dtype=torch.float64)
-    seed_arg = per_seed.argmax(dim=0)
-    counts = torch.bincount(seed_arg, minlength=len(names))
-    seed_top1 = {names[i]: int(c) for i, c in enumerate(counts.tolist()) if c}
-    seed_rho = None
-    if len(seeds) > 1:
-        ranks = rankdata(per_seed.T)  # [k, M]
-        rhos = [_pearson(ranks[i], ranks[j]) for i in range(len(seeds)) for j in range(i + 1, len(seeds))]
-        rhos = [r for r in rhos if r is not None]
-        seed_rho = sum(rhos) / len(rhos) if rhos else None
-
-    boot = interval = None
+    counts = argmax_counts(per_seed).tolist()
+    boot = interval = n_res = None
     notes = []
     if scores.per_sample is None:
         notes.append(f"estimator {scores.config.get('estimator')!r}: no per-sample energies, no bootstrap")
-        n_res = None
     else:
-        want = (len(seeds), scores.num_samples)
-        for n in names:
-            got = tuple(scores.per_sample[n].shape) if n in scores.per_sample else None
-            if got != want:
-                raise ValueError(
-                    f"per_sample[{n!r}] has shape {got}, expected [{want[0]} seeds, {want[1]} samples]; "
-                    f"the report is inconsistent (was it edited by hand?)"
-                )
-        energies = torch.stack([scores.per_sample[n].to(torch.float64) for n in names])  # [M, k, N]
-        ebar = energies.mean(dim=1)  # [M, N]: PAGE is the mean over seeds
-        n = ebar.shape[1]
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randint(n, (num_resamples, n), generator=gen)  # same indices for every module
-        weights = torch.zeros(num_resamples, n, dtype=torch.float64).scatter_add_(
-            1, idx, torch.ones(num_resamples, n, dtype=torch.float64))
-        means = ebar @ weights.T / n  # [M, N] @ [N, R] -> [M, R]
-        arg = means.argmax(dim=0)
-        frac = torch.bincount(arg, minlength=len(names)).to(torch.float64) / num_resamples
-        boot = {names[i]: float(f) for i, f in enumerate(frac.tolist()) if f > 0}
-        tot = means.sum(dim=0, keepdim=True)
-        share_r = torch.where(tot > 0, means / tot.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(means))
-        q = torch.quantile(share_r, torch.tensor([0.05, 0.95], dtype=torch.float64), dim=1)  # [2, M]
-        interval = {names[i]: (float(q[0, i]), float(q[1, i])) for i in range(len(names))}
+        boot, interval = _bootstrap(scores, names, num_resamples, seed)
         n_res = num_resamples
     return Confidence(
-        dominant=dominant, share=shares[dominant], top1_share=max(shares.values()),
-        entropy=entropy_concentration(vals), num_seeds=len(seeds), seed_top1=seed_top1, seed_spearman=seed_rho,
+        dominant=dominant, share=scores.shares[dominant], entropy=entropy_concentration(list(scores.scores.values())),
+        num_seeds=len(seeds), seed_top1={names[i]: int(c) for i, c in enumerate(counts) if c},
+        seed_spearman=mean_pairwise_spearman(per_seed.T) if len(seeds) > 1 else None,
         num_resamples=n_res, bootstrap_top1=boot, share_interval=interval, seed=seed,
         estimator=str(scores.config.get("estimator")), notes=notes,
     )
+
+
+def _bootstrap(scores: PageScores, names: list[str], num_resamples: int, seed: int):
+    """``(name -> fraction of resamples it wins (non-zero ones), name -> (5th, 95th) percentile of its share))``."""
+    want = (len(scores.seeds), scores.num_samples)
+    for n in names:
+        got = tuple(scores.per_sample[n].shape) if n in scores.per_sample else None
+        if got != want:
+            raise ValueError(
+                f"per_sample[{n!r}] has shape {got}, expected [{want[0]} seeds, {want[1]} samples]; "
+                f"the report is inconsistent (was it edited by hand?)"
+            )
+    energies = torch.stack([scores.per_sample[n].to(torch.float64) for n in names])  # [M, k, N]
+    means = bootstrap_means(energies.mean(dim=1), num_resamples, seed)  # PAGE is the mean over seeds: [M, R]
+    frac = (argmax_counts(means).to(torch.float64) / num_resamples).tolist()
+    q = share_quantiles(means)  # [2, M]
+    boot = {names[i]: float(f) for i, f in enumerate(frac) if f > 0}
+    return boot, {names[i]: (float(q[0, i]), float(q[1, i])) for i in range(len(names))}

@@ -1,10 +1,13 @@
 """DomLoRA placement: a peft adapter on the highest-PAGE module(s), started from the probe's A.
 
 :func:`domlora_config` turns a :class:`~domlora_kernels.scores.PageScores` into a peft config
-that targets the ``top_k`` modules of highest PAGE and nothing else; :func:`apply_domlora`
-wraps a model with it and copies the probe's ``A`` into each ``lora_A``, so that the first
-gradient of every ``lora_B`` is exactly the one the probe measured (docs/design.md,
-oracle 2).
+that targets the ``top_k`` modules of highest PAGE (or the modules and ranks a parameter
+``budget`` buys, :mod:`~domlora_kernels.budget`) and nothing else; given a user's own
+``LoraConfig``, it restricts that config's targets instead. :func:`apply_domlora` takes the
+same arguments, wraps a model with the config and copies the probe's ``A`` into each
+``lora_A``, so that the first gradient of every ``lora_B`` is exactly the one the probe
+measured (docs/design.md, oracle 2). One private planning step (``_plan``) validates the
+arguments and chooses targets and ranks for both.
 
 Exact names. peft matches a *list* of target names as "equal, or a dotted suffix": the name
 ``model.layers.1.mlp.down_proj`` would also select ``encoder.model.layers.1.mlp.down_proj`` in
@@ -17,6 +20,8 @@ exactly its own module as well.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import re
 import warnings
@@ -25,8 +30,9 @@ from typing import Any
 
 from torch import nn
 
+from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, vanilla_lora_params
+from .candidates import find_candidates
 from .lora_init import draw_lora_A, lora_scaling
-from .candidates import _linear_shape
 from .scores import PageScores
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")
@@ -55,6 +61,10 @@ class Placement:
         probe_scaling / adapter_scaling: the LoRA scaling the probe measured with and the
             adapter's; the first ``||lora_B.grad||^2`` equals the probe's energy times
             ``(adapter_scaling / probe_scaling) ** 2`` (1 when both use the same alpha).
+        rule: how the targets were chosen: "top-k", "budget" or "top-p" (:mod:`~domlora_kernels.budget`).
+        budget: the parameter budget of a "budget" plan; top_p: the PAGE mass of a "top-p" plan.
+        alphas: name -> alpha of the targets whose rank differs from ``r`` in a budget plan
+            (their ``alpha_pattern``: it keeps their scaling at the base one).
     """
 
     variant: str
@@ -69,6 +79,10 @@ class Placement:
     kept_peft_init: dict[str, str] = field(default_factory=dict)
     probe_scaling: float | None = None
     adapter_scaling: float | None = None
+    rule: str = "top-k"
+    budget: int | None = None
+    top_p: float | None = None
+    alphas: dict[str, float] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -78,12 +92,19 @@ class Placement:
     def summary(self) -> str:
         """Two or more lines: where the adapters sit and the trainable parameter count."""
         k = len(self.targets)
-        lines = [
-            f"DomLoRA ({self.variant}): {k} adapter{'s' if k > 1 else ''} on the top-{k} PAGE module{'s' if k > 1 else ''}"
-        ]
+        adapters = f"DomLoRA ({self.variant}): {k} adapter{'s' if k > 1 else ''}"
+        if self.rule == "budget":
+            head = f"{adapters}, by PAGE per parameter within a budget of {self.budget:,} parameters"
+        elif self.rule == "top-p":
+            head = f"{adapters}, by PAGE per parameter until {100 * self.top_p:g}% of the PAGE mass"
+        else:
+            head = f"{adapters} on the top-{k} PAGE module{'s' if k > 1 else ''}"
+        lines = [head]
         for name in self.targets:
             init = "probe A" if name in self.copied_A else "peft init"
-            lines.append(f"  {name}: rank {self.ranks[name]}, PAGE share {100 * self.shares[name]:.1f}%, lora_A from {init}")
+            alpha = f" (alpha {self.alphas[name]:g}: same scaling)" if name in self.alphas else ""
+            lines.append(f"  {name}: rank {self.ranks[name]}{alpha}, PAGE share {100 * self.shares[name]:.1f}%, "
+                         f"lora_A from {init}")
         lines.append(
             f"trainable parameters: {self.trainable_params:,} = {100 * self.ratio:.2f}% of vanilla LoRA on all "
             f"{self.num_candidates} linear modules at r={self.r} ({self.vanilla_lora_params:,})"
@@ -119,10 +140,22 @@ def top_modules(scores: PageScores, top_k: int = 1) -> list[str]:
     Raises:
         ValueError: ``top_k`` outside ``1 .. number of probed modules``.
     """
+    _check_scores(scores)
+    return _top(scores, list(scores.scores), top_k)
+
+
+def _check_scores(scores: Any) -> None:
     if not isinstance(scores, PageScores):
         raise TypeError(f"scores must be a PageScores (from page_scores or PageScores.from_json), got {type(scores).__name__}")
-    _check_int(top_k, "top_k", 1, len(scores.scores))
-    return [n for n, _ in scores.ranked()[:top_k]]
+
+
+def _top(scores: PageScores, candidates: list[str], top_k: int) -> list[str]:
+    _check_int(top_k, "top_k", 1, len(candidates))
+    return sorted(candidates, key=lambda n: -scores.scores[n])[:top_k]
+
+
+def _by_page(scores: PageScores, names) -> list[str]:
+    return sorted(names, key=lambda n: -scores.scores[n])
 
 
 def page_rank_pattern(scores: PageScores, targets: list[str], r: int) -> dict[str, int]:
@@ -170,8 +203,61 @@ def _resolve_ranks(scores: PageScores, targets: list[str], r: int, rank_pattern:
     raise ValueError(f"rank_pattern must be None, 'page' or a dict name -> rank, got {type(rank_pattern).__name__}")
 
 
-def _validate(scores, r, lora_alpha, top_k, variant, rank_pattern, peft_kwargs) -> tuple[list[str], dict[str, int]]:
-    targets = top_modules(scores, top_k)
+# ------------------------------------------------------------------ planning
+@dataclass
+class _Plan:
+    """What :func:`domlora_config` and :func:`apply_domlora` place, validated once."""
+
+    targets: list[str]  # highest PAGE first
+    ranks: dict[str, int]
+    r: int
+    lora_alpha: float
+    variant: str
+    use_rslora: bool
+    init_lora_weights: Any  # True (peft's default, the probe's A distribution) or another init
+    config: Any  # the user's peft config, or None
+    peft_kwargs: dict[str, Any]
+    rule: str = "top-k"
+    budget: int | None = None
+    top_p: float | None = None
+    alphas: dict[str, float] = field(default_factory=dict)
+
+
+def _settings_from_config(config: Any, r, lora_alpha, variant, peft_kwargs) -> tuple[int, float, str, bool]:
+    """``(r, lora_alpha, variant, use_rslora)`` of a user's peft config, which owns these settings."""
+    import peft
+
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"config must be a peft.LoraConfig (or AdaLoraConfig), got {type(config).__name__}")
+    given = [k for k, v in (("r", r), ("lora_alpha", lora_alpha), ("variant", variant)) if v is not None]
+    given += list(peft_kwargs)
+    if given:
+        raise ValueError(f"with config=..., the config holds the settings; set {', '.join(given)} in the LoraConfig "
+                         f"instead of passing {'it' if len(given) == 1 else 'them'} here")
+    if isinstance(config, peft.AdaLoraConfig):
+        return config.target_r, config.lora_alpha, "adalora", False
+    variant = "dora" if config.use_dora else "rslora" if config.use_rslora else "lora"
+    return config.r, config.lora_alpha, variant, bool(config.use_rslora)
+
+
+def _config_candidates(scores: PageScores, config: Any) -> list[str]:
+    """The probed modules that ``config``'s own targets (and exclusions) select, by peft's matching rule."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    probe = copy.copy(config)  # shallow: only target_modules is replaced, on the copy
+    if probe.target_modules is None or probe.target_modules == "all-linear":
+        probe.target_modules = exact_names_regex(list(scores.scores))
+    chosen = [n for n in scores.scores if check_target_module_exists(probe, n)]
+    if not chosen:
+        raise ValueError(
+            f"config.target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) selects "
+            f"none of the {len(scores.scores)} probed modules (e.g. {next(iter(scores.scores))}); probe the modules "
+            f"the config targets, or widen its target_modules"
+        )
+    return chosen
+
+
+def _check_settings(r, lora_alpha, variant, rank_pattern, peft_kwargs, config) -> None:
     _check_int(r, "r", 1)
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha) or lora_alpha <= 0:
         raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
@@ -186,38 +272,138 @@ def _validate(scores, r, lora_alpha, top_k, variant, rank_pattern, peft_kwargs) 
     if variant == "adalora":
         if rank_pattern is not None:
             raise ValueError("variant='adalora' allocates ranks itself during training; drop rank_pattern")
-        if peft_kwargs.get("total_step") is None:
+        if config is None and peft_kwargs.get("total_step") is None:
             raise ValueError(
                 "variant='adalora' needs total_step=<number of training steps> (AdaLoRA prunes ranks on a schedule "
                 "over the run), e.g. domlora_config(scores, variant='adalora', total_step=1000)"
             )
-    ranks = _resolve_ranks(scores, targets, r, rank_pattern)
-    return targets, ranks
 
 
+def _budget_plan(plan: _Plan, scores: PageScores, candidates: list[str], rank_pattern, budget, top_p) -> _Plan:
+    if rank_pattern is not None:
+        raise ValueError("budget and top_p choose the ranks themselves; drop rank_pattern")
+    if plan.variant == "adalora":
+        raise ValueError("variant 'adalora' allocates its ranks itself during training; use top_k with it, not a budget")
+    if "alpha_pattern" in plan.peft_kwargs:
+        raise ValueError("a budget plan sets alpha_pattern itself (it keeps each module's scaling); remove alpha_pattern")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], the fraction of the PAGE mass to cover, got {top_p!r}")
+    params = None if budget is None else budget_params(budget, vanilla_lora_params(scores, plan.r))
+    bp = plan_budget(scores, candidates, plan.r, budget=params, top_p=top_p, dora=plan.variant == "dora")
+    if not bp.ranks:
+        order = density_order(scores, candidates)
+        if not order:
+            raise ValueError("every candidate module has zero PAGE: there is nothing to plan a budget by")
+        info = scores.modules[order[0]]
+        need = info.in_features + info.out_features * (2 if plan.variant == "dora" else 1)
+        raise ValueError(f"a budget of {params:,} parameters buys no adapter: rank 1 of the densest module, "
+                         f"{order[0]}, needs {need:,}; raise the budget")
+    plan.targets = _by_page(scores, bp.ranks)
+    plan.ranks = {n: bp.ranks[n] for n in plan.targets}
+    plan.alphas = {n: kept_scaling_alpha(plan.lora_alpha, plan.r, k, plan.use_rslora)
+                   for n, k in plan.ranks.items() if k != plan.r}
+    plan.rule, plan.budget, plan.top_p = ("budget", params, None) if budget is not None else ("top-p", None, top_p)
+    return plan
+
+
+def _plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs) -> _Plan:
+    """Validate the arguments once and choose the targets, their ranks and, for budget plans, alphas."""
+    _check_scores(scores)
+    if config is not None:
+        r, lora_alpha, variant, rslora = _settings_from_config(config, r, lora_alpha, variant, peft_kwargs)
+        candidates, init = _config_candidates(scores, config), config.init_lora_weights
+    else:
+        r, lora_alpha, variant = 8 if r is None else r, 16 if lora_alpha is None else lora_alpha, variant or "lora"
+        rslora, candidates, init = variant == "rslora", list(scores.scores), peft_kwargs.get("init_lora_weights", True)
+    _check_settings(r, lora_alpha, variant, rank_pattern, peft_kwargs, config)
+    if sum(x is not None for x in (top_k, budget, top_p)) > 1:
+        raise ValueError("give one of top_k (a number of modules), budget (parameters or a fraction) and top_p "
+                         "(a fraction of the PAGE mass)")
+    plan = _Plan([], {}, r, lora_alpha, variant, rslora, init, config, dict(peft_kwargs))
+    if budget is not None or top_p is not None:
+        plan = _budget_plan(plan, scores, candidates, rank_pattern, budget, top_p)
+    else:
+        plan.targets = _top(scores, candidates, 1 if top_k is None else top_k)
+        plan.ranks = _resolve_ranks(scores, plan.targets, r, rank_pattern)
+    # a budget plan counts every module at its planned rank: a pattern of the user's would change the count
+    patterns = config is not None and (config.rank_pattern or config.alpha_pattern)
+    if patterns and (plan.rule != "top-k" or any(k != r for k in plan.ranks.values())):
+        raise ValueError("config already has a rank_pattern or alpha_pattern, and this plan sets the ranks itself; "
+                         "clear them in the config, or use top_k without rank_pattern to keep them")
+    return plan
+
+
+def _peft_config(plan: _Plan):
+    """The peft config of a plan: the user's config (copied) or a new one, targeting exactly ``plan.targets``."""
+    import peft
+
+    target = exact_names_regex(plan.targets)
+    ranks = {"^" + re.escape(n): k for n, k in plan.ranks.items() if k != plan.r}
+    alphas = {"^" + re.escape(n): a for n, a in plan.alphas.items()}
+    if plan.config is not None:
+        cfg = copy.deepcopy(plan.config)
+        cfg.target_modules = target
+        if ranks or alphas:
+            cfg.rank_pattern, cfg.alpha_pattern = ranks, alphas
+        return cfg
+    kwargs = dict(plan.peft_kwargs)
+    kwargs.setdefault("task_type", "CAUSAL_LM")
+    if plan.variant == "adalora":
+        kwargs.setdefault("init_r", math.ceil(1.5 * plan.r))
+        return peft.AdaLoraConfig(target_modules=target, target_r=plan.r, lora_alpha=plan.lora_alpha, **kwargs)
+    if alphas:
+        kwargs["alpha_pattern"] = alphas
+    return peft.LoraConfig(
+        target_modules=target, r=plan.r, lora_alpha=plan.lora_alpha, use_dora=plan.variant == "dora",
+        use_rslora=plan.variant == "rslora", rank_pattern=ranks, **kwargs,
+    )
+
+
+# ------------------------------------------------------------------ public
 def domlora_config(
     scores: PageScores,
-    r: int = 8,
-    lora_alpha: float = 16,
-    top_k: int = 1,
-    variant: str = "lora",
+    r: int | None = None,
+    lora_alpha: float | None = None,
+    top_k: int | None = None,
+    variant: str | None = None,
     rank_pattern: str | dict[str, int] | None = None,
+    *,
+    budget: int | float | str | None = None,
+    top_p: float | None = None,
+    config: Any = None,
     **peft_kwargs: Any,
 ):
-    """The peft config that puts adapters on the ``top_k`` highest-PAGE modules, by exact full name.
+    """The peft config that puts adapters on the highest-PAGE modules, by exact full name.
+
+    Choose the modules with one of ``top_k`` (default: 1, the dominant module), ``budget`` or
+    ``top_p``. A budget plan picks modules by PAGE per parameter, each at rank ``r`` except the
+    last one, which gets what is left; ``alpha_pattern`` keeps every module's scaling at the
+    base ``lora_alpha / r`` (``/ sqrt(r)`` for rsLoRA). The rule, and why: :mod:`domlora_kernels.budget`.
 
     Args:
         scores: a probe result (:func:`~domlora_kernels.page_scores` or ``PageScores.from_json``).
-        r: adapter rank (default 8). For "adalora" it is ``target_r``, the average rank
-            AdaLoRA prunes towards; its starting rank ``init_r`` defaults to ``ceil(1.5 r)``
-            (peft's own 12 for 8) unless given in ``peft_kwargs``.
+        r: adapter rank (default 8); the rank cap of a budget plan. For "adalora" it is
+            ``target_r``, the average rank AdaLoRA prunes towards; its starting rank ``init_r``
+            defaults to ``ceil(1.5 r)`` (peft's own 12 for 8) unless given in ``peft_kwargs``.
         lora_alpha: LoRA alpha (default 16); scaling ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
         top_k: how many modules to adapt, highest PAGE first (default 1, the dominant module).
-        variant: "lora" (``LoraConfig``), "dora" (``use_dora=True``), "rslora"
+        variant: "lora" (default, ``LoraConfig``), "dora" (``use_dora=True``), "rslora"
             (``use_rslora=True``) or "adalora" (``AdaLoraConfig``; requires ``total_step``).
-        rank_pattern: None (every target gets ``r``), "page" (ranks proportional to PAGE within
-            the top-k, at least 1 each, total ``top_k * r``; see :func:`page_rank_pattern`) or
-            a dict ``{full name: rank}`` over the targets. Not for "adalora".
+        rank_pattern: with ``top_k``: None (every target gets ``r``), "page" (ranks proportional
+            to PAGE within the top-k, at least 1 each, total ``top_k * r``; see
+            :func:`page_rank_pattern`) or a dict ``{full name: rank}`` over the targets. Not for "adalora".
+        budget: trainable parameters for the adapters: an int (``20000``), a fraction of vanilla
+            LoRA on all probed modules at rank ``r`` (``0.01``) or a percentage (``"1%"``). The
+            plan never exceeds it (DoRA's magnitude vectors included).
+        top_p: instead of a budget, the cheapest plan by the same rule whose adapters carry this
+            fraction of the PAGE mass (``0.5``).
+        config: a user's ``peft.LoraConfig`` (or ``AdaLoraConfig``), e.g. with
+            ``init_lora_weights="eva"``, PiSSA or LoftQ: the result is a copy of it, with
+            ``target_modules`` restricted to the chosen modules among those it targets (and
+            ``rank_pattern`` / ``alpha_pattern`` for a budget plan); every other setting is kept
+            and ``config`` itself is not changed. Its ``target_modules`` (None or "all-linear":
+            every probed module) and ``exclude_modules`` bound the choice, by peft's own matching. ``r``, ``lora_alpha``, ``variant`` and
+            ``peft_kwargs`` then come from the config and must not be passed.
         **peft_kwargs: passed to the peft config (``lora_dropout``, ``bias``, ``total_step``,
             ``tinit``, ...). ``task_type`` defaults to "CAUSAL_LM".
 
@@ -226,27 +412,29 @@ def domlora_config(
         fully matches against exactly the chosen names (see the module docstring).
 
     Raises:
-        ValueError: ``top_k`` outside ``1 .. number of modules``, unknown variant, missing
-            ``total_step`` for AdaLoRA, a bad ``rank_pattern``, or a keyword DomLoRA sets itself.
+        ValueError: ``top_k`` outside ``1 .. number of modules``, more than one of ``top_k``,
+            ``budget``, ``top_p``, a budget too small for one rank of the densest module,
+            unknown variant, missing ``total_step`` for AdaLoRA, a bad ``rank_pattern``, or a
+            keyword DomLoRA sets itself.
 
     Example:
         >>> cfg = domlora_config(scores, r=8, lora_alpha=16, top_k=1)    # doctest: +SKIP
+        >>> cfg = domlora_config(scores, budget="1%")                     # doctest: +SKIP
+        >>> cfg = domlora_config(scores, budget=20000, config=LoraConfig(init_lora_weights="eva", ...))  # doctest: +SKIP
         >>> model = peft.get_peft_model(model, cfg)                       # doctest: +SKIP
     """
-    targets, ranks = _validate(scores, r, lora_alpha, top_k, variant, rank_pattern, peft_kwargs)
-    import peft
+    plan = _plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs)
+    return _peft_config(plan)
 
-    kwargs = dict(peft_kwargs)
-    kwargs.setdefault("task_type", "CAUSAL_LM")
-    target = exact_names_regex(targets)
-    if variant == "adalora":
-        kwargs.setdefault("init_r", math.ceil(1.5 * r))
-        return peft.AdaLoraConfig(target_modules=target, target_r=r, lora_alpha=lora_alpha, **kwargs)
-    pattern = {"^" + re.escape(n): k for n, k in ranks.items() if k != r}
-    return peft.LoraConfig(
-        target_modules=target, r=r, lora_alpha=lora_alpha, use_dora=variant == "dora",
-        use_rslora=variant == "rslora", rank_pattern=pattern, **kwargs,
-    )
+
+def _plan_as_config(scores: Any, args: tuple, kwargs: dict[str, Any]) -> _Plan:
+    """The plan of ``domlora_config(scores, *args, **kwargs)``: apply_domlora takes the same arguments."""
+    try:
+        given = inspect.signature(domlora_config).bind(scores, *args, **kwargs).arguments
+    except TypeError as e:
+        raise TypeError(f"apply_domlora(model, scores, ...) takes domlora_config's arguments after the model: {e}") from None
+    names = ("r", "lora_alpha", "top_k", "variant", "rank_pattern", "budget", "top_p", "config")
+    return _plan(scores, *(given.get(n) for n in names), given.get("peft_kwargs", {}))
 
 
 def _adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
@@ -259,19 +447,79 @@ def _adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]
     return out
 
 
-def apply_domlora(
-    model: nn.Module,
-    scores: PageScores,
-    r: int = 8,
-    lora_alpha: float = 16,
-    top_k: int = 1,
-    variant: str = "lora",
-    rank_pattern: str | dict[str, int] | None = None,
-    adapter_name: str = "default",
-    verbose: bool = True,
-    **peft_kwargs: Any,
-):
-    """Wrap ``model`` with peft adapters on its ``top_k`` highest-PAGE modules, initialised from the probe.
+def _check_model(model: Any, scores: PageScores, targets: list[str]) -> None:
+    """``model`` is a bare torch model whose target modules have the probe's shapes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "model already carries peft adapters; pass the base model that was probed "
+            "(e.g. model.get_base_model() after merging or unloading the old adapters)"
+        )
+    try:
+        found = {c.name: c for c in find_candidates(model, exact_names_regex(targets))}
+    except ValueError:  # none of the targets is a linear module of this model
+        found = {}
+    named = dict(model.named_modules())
+    for name in targets:
+        info, cand = scores.modules[name], found.get(name)
+        shape = None if cand is None else (cand.in_features, cand.out_features)
+        if shape != (info.in_features, info.out_features):
+            what = ("no such module" if name not in named else f"a {type(named[name]).__name__}" if cand is None
+                    else f"{type(cand.module).__name__} with (in, out) = {shape}")
+            raise ValueError(
+                f"the probe's module {name} (in {info.in_features}, out {info.out_features}) does not match this "
+                f"model ({what}); apply the scores to the model they were measured on"
+            )
+
+
+def _get_peft_model(model: nn.Module, cfg: Any, adapter_name: str):
+    import peft
+
+    with warnings.catch_warnings():
+        # peft 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5
+        # deprecated for is_activation_checkpointing: the FutureWarning is peft's call, not ours or the user's
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+
+
+def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: _Plan, adapter_name: str):
+    """Copy the probe's A into each target's ``lora_A`` where that keeps the first-gradient identity.
+
+    Returns ``(copied names, name -> why peft's init was kept, name -> the adapter's rank)``.
+    """
+    import torch
+
+    copied, kept, ranks = [], {}, dict(plan.ranks)
+    projection = scores.config.get("projection")
+    for name in plan.targets:
+        layer = layers[name]
+        if plan.variant == "adalora":
+            ranks[name] = int(layer.lora_A[adapter_name].shape[0])
+            kept[name] = "AdaLoRA starts with lora_E = 0: the probe's A does not set its first gradient"
+            continue
+        weight = layer.lora_A[adapter_name].weight  # [rank, n]
+        if plan.init_lora_weights is not True:
+            kept[name] = f"init_lora_weights={plan.init_lora_weights!r} sets lora_A"
+        elif projection not in ("A", "AB"):
+            kept[name] = f"projection {projection!r} draws no A"
+        elif weight.shape[0] != scores.rank:
+            kept[name] = f"adapter rank {weight.shape[0]} differs from the probe's rank {scores.rank}"
+        else:
+            a = draw_lora_A(name, scores.rank, scores.modules[name].in_features, scores.seeds[0])
+            with torch.no_grad():
+                weight.copy_(a.to(device=weight.device, dtype=weight.dtype))
+            copied.append(name)
+            continue
+        # no surprise, so no warning: another init was asked for, or a budget plan cut this module's rank
+        if plan.init_lora_weights is True and plan.rule == "top-k":
+            warnings.warn(f"{name}: lora_A keeps peft's initialisation ({kept[name]})", stacklevel=3)
+    return copied, kept, ranks
+
+
+def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name: str = "default",
+                  verbose: bool = True, **kwargs: Any):
+    """Wrap ``model`` with peft adapters on its highest-PAGE modules, initialised from the probe.
 
     Like ``peft.get_peft_model``, this injects the adapters into ``model`` itself; ``scores``
     is not changed. For "lora", "dora" and "rslora", each target's ``lora_A`` (``[rank, n]``)
@@ -281,12 +529,15 @@ def apply_domlora(
     ``(adapter_scaling / probe_scaling)^2`` when the alphas differ). Otherwise (rank differs,
     a projection without A, or AdaLoRA, whose ``lora_E = 0`` start sends the first gradient
     through E, not B) peft's initialisation is kept, with a warning naming the module except
-    for AdaLoRA, where it is the documented behaviour.
+    for AdaLoRA, where it is the documented behaviour, and for the module a budget plan gives
+    a lower rank (the summary says "peft init"). An ``init_lora_weights`` other than peft's
+    default (EVA, PiSSA, LoftQ, gaussian, ...) is kept without a warning.
 
     Args:
         model: the model that was probed (same module names), not already a PeftModel.
-        scores, r, lora_alpha, top_k, variant, rank_pattern, **peft_kwargs: as in
-            :func:`domlora_config`.
+        scores, *args, **kwargs: the arguments of :func:`domlora_config` (``r``, ``lora_alpha``,
+            ``top_k``, ``variant``, ``rank_pattern``, ``budget``, ``top_p``, ``config``,
+            ``**peft_kwargs``), with the same meaning and defaults.
         adapter_name: peft adapter name (default "default").
         verbose: print :meth:`Placement.summary` (targets, trainable parameters and their
             ratio to vanilla LoRA on all probed modules).
@@ -300,69 +551,34 @@ def apply_domlora(
         >>> pm.domlora_placement.ratio                                     # doctest: +SKIP
         0.0069
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    if hasattr(model, "peft_config"):
-        raise ValueError(
-            "model already carries peft adapters; pass the base model that was probed "
-            "(e.g. model.get_base_model() after merging or unloading the old adapters)"
-        )
-    cfg = domlora_config(scores, r=r, lora_alpha=lora_alpha, top_k=top_k, variant=variant,
-                         rank_pattern=rank_pattern, **peft_kwargs)
-    targets, ranks = _validate(scores, r, lora_alpha, top_k, variant, rank_pattern, peft_kwargs)
-    named = dict(model.named_modules())
-    for name in targets:
-        info = scores.modules[name]
-        mod = named.get(name)
-        shape = None if mod is None else _linear_shape(mod)
-        if shape != (info.in_features, info.out_features):
-            found = "no such module" if mod is None else f"{type(mod).__name__} with (in, out) = {shape}"
-            raise ValueError(
-                f"the probe's module {name} (in {info.in_features}, out {info.out_features}) does not match this "
-                f"model ({found}); apply the scores to the model they were measured on"
-            )
-
-    import peft
-    import torch
-
-    pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+    plan = _plan_as_config(scores, args, kwargs)
+    _check_model(model, scores, plan.targets)
+    pm = _get_peft_model(model, _peft_config(plan), adapter_name)
     layers = _adapted_layers(pm.get_base_model(), adapter_name)
-    if sorted(layers) != sorted(targets):
-        raise RuntimeError(f"peft adapted {sorted(layers)} instead of exactly {sorted(targets)}; please report this")
-
-    copied, kept = [], {}
-    probe_rank = scores.rank
-    projection = scores.config.get("projection")
-    seed = scores.seeds[0]
-    for name in targets:
-        layer = layers[name]
-        if variant == "adalora":
-            ranks[name] = int(layer.lora_A[adapter_name].shape[0])
-            kept[name] = "AdaLoRA starts with lora_E = 0: the probe's A does not set its first gradient"
-            continue
-        weight = layer.lora_A[adapter_name].weight  # [rank, n]
-        if projection not in ("A", "AB"):
-            kept[name] = f"projection {projection!r} draws no A"
-        elif weight.shape[0] != probe_rank:
-            kept[name] = f"adapter rank {weight.shape[0]} differs from the probe's rank {probe_rank}"
-        else:
-            a = draw_lora_A(name, probe_rank, scores.modules[name].in_features, seed)
-            with torch.no_grad():
-                weight.copy_(a.to(device=weight.device, dtype=weight.dtype))
-            copied.append(name)
-            continue
-        warnings.warn(f"{name}: lora_A keeps peft's initialisation ({kept[name]})", stacklevel=2)
-
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    vanilla = sum(r * (i.in_features + i.out_features) for i in scores.modules.values())
-    probe_scaling = scores.config.get("scaling")
-    adapter_scaling = None if variant == "adalora" else lora_scaling(r, lora_alpha, variant == "rslora")
+    if sorted(layers) != sorted(plan.targets):
+        raise RuntimeError(f"peft adapted {sorted(layers)} instead of exactly {sorted(plan.targets)}; please report this")
+    copied, kept, ranks = _init_lora_A(layers, scores, plan, adapter_name)
     placement = Placement(
-        variant=variant, targets=targets, ranks=ranks, shares={n: scores.shares[n] for n in targets}, r=r,
-        trainable_params=trainable, vanilla_lora_params=vanilla, num_candidates=len(scores.modules),
-        copied_A=copied, kept_peft_init=kept, probe_scaling=probe_scaling, adapter_scaling=adapter_scaling,
+        variant=plan.variant, targets=plan.targets, ranks=ranks, shares={n: scores.shares[n] for n in plan.targets},
+        r=plan.r, trainable_params=sum(p.numel() for p in pm.parameters() if p.requires_grad),
+        vanilla_lora_params=vanilla_lora_params(scores, plan.r), num_candidates=len(scores.modules),
+        copied_A=copied, kept_peft_init=kept, probe_scaling=scores.config.get("scaling"),
+        adapter_scaling=None if plan.variant == "adalora" else lora_scaling(plan.r, plan.lora_alpha, plan.use_rslora),
+        rule=plan.rule, budget=plan.budget, top_p=plan.top_p, alphas=plan.alphas,
     )
     pm.domlora_placement = placement
     if verbose:
         print(placement.summary())
     return pm
+
+
+def _apply_signature() -> inspect.Signature:
+    """``apply_domlora``'s signature as help() should show it: model, then domlora_config's, with its own two."""
+    params = list(inspect.signature(domlora_config).parameters.values())
+    own = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=t)
+           for n, d, t in (("adapter_name", "default", "str"), ("verbose", True, "bool"))]
+    model = inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module")
+    return inspect.Signature([model, *params[:-1], *own, params[-1]])
+
+
+apply_domlora.__signature__ = _apply_signature()

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
-from .confidence import Confidence, floor_percent, kendall_tau, spearman
-from .scores import PageScores, entropy_concentration
+from .confidence import Confidence
+from .errors import MissingExtraError
+from .scores import PageScores
+from .stats import entropy_concentration, floor_percent, kendall_tau, spearman
 
 
 # ------------------------------------------------------------------ text
@@ -49,7 +51,7 @@ def _figure(**kwargs):
     try:
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise MissingExtraError(
             "plots need matplotlib: pip install 'domlora_kernels[plot]' (or pip install matplotlib)"
         ) from e
     return Figure(**kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,11 +179,3 @@ class PageScores:
                 f"projection={self.config['projection']!r}, dominant={top!r} "
                 f"share={100 * self.shares[top]:.1f}%)")
 
-
-def entropy_concentration(values: list[float]) -> float:
-    """Entropy of the normalised distribution divided by log(count): 0 = all on one, 1 = flat."""
-    tot = sum(values)
-    if tot <= 0 or len(values) < 2:
-        return 0.0
-    h = -sum((v / tot) * math.log(v / tot) for v in values if v > 0)
-    return h / math.log(len(values))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -54,16 +55,22 @@ def test_probe_plot_and_seeds(tiny_folder, tmp_path, capsys):
     assert conf["num_seeds"] == 3 and conf["num_resamples"] == 40
     assert conf["sentence"] in printed and conf["sentence"].startswith(f"dominant: {scores.dominant_module} (share ")
     assert "of 40 resamples and" in conf["sentence"] and "/3 seeds)" in conf["sentence"]
+    assert "concentration: top-1 share" in printed and "rank agreement between the 3 A seeds" in printed  # text_report
     for name in ("scores_heatmap.png", "scores_top.png"):
         png = out.parent / name
         assert png.read_bytes()[:4] == b"\x89PNG" and f"plot: {png}" in printed
 
 
+# peft 0.21's PeftModel.__init__ (reached here through PeftModel.from_pretrained, the test's own call) reads
+# transformers 5's deprecated is_gradient_checkpointing; apply_domlora filters the same warning around its call
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_apply_writes_an_adapter_peft_loads_back(tiny_folder, tmp_path, capsys):
     import transformers as tf
 
     out = tmp_path / "adapter"
-    assert main(["apply", *_common(tiny_folder), "--top-k", "2", "--rank", "4", "--out-dir", str(out)]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # `domlora apply` printed transformers' deprecation before
+        assert main(["apply", *_common(tiny_folder), "--top-k", "2", "--rank", "4", "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     scores = PageScores.from_json(out / "page_scores.json")
     placement = json.loads((out / "domlora_placement.json").read_text())
@@ -91,6 +98,61 @@ def test_apply_adalora_requires_total_step(tiny_folder, tmp_path, capsys):
     rc = main(["apply", *_common(tiny_folder), "--variant", "adalora", "--out-dir", str(tmp_path / "a")])
     assert rc == 2 and "--total-step" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_apply_with_a_budget_prints_and_saves_the_plan(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(["apply", *_common(tiny_folder), "--budget", "3%", "--rank", "4", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    scores = PageScores.from_json(out / "page_scores.json")
+    placement = json.loads((out / "domlora_placement.json").read_text())
+    vanilla = sum(4 * (i.in_features + i.out_features) for i in scores.modules.values())
+    assert placement["rule"] == "budget" and placement["budget"] == int(0.03 * vanilla)
+    assert 0 < placement["trainable_params"] <= placement["budget"]
+    assert placement["trainable_params"] == sum(
+        k * (scores.modules[n].in_features + scores.modules[n].out_features) for n, k in placement["ranks"].items())
+    assert f"within a budget of {placement['budget']:,} parameters" in printed
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    for name, k in placement["ranks"].items():  # every module keeps scaling alpha / r = 16 / 4
+        assert (k == 4) != (name in placement["alphas"]) and placement["alphas"].get(name, 16.0) / k == 4.0
+    assert len(cfg["alpha_pattern"]) == len(placement["alphas"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "10"], "buys no adapter: rank 1 of the densest module"),
+    (["--budget", "2"], "buys no adapter"),
+    (["--budget", "150%"], "fractional budget must be in (0, 1]"),
+    (["--budget", "1%", "--rank-pattern", "page"], "drop rank_pattern"),
+])
+def test_apply_budget_errors(tiny_folder, tmp_path, capsys, args, message):
+    assert main(["apply", *_common(tiny_folder), *args, "--out-dir", str(tmp_path / "a")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_parser_refuses_what_it_cannot_run(capsys):
+    for argv in (["apply", "--budget", "1%", "--top-k", "2"], ["probe", "--backend", "cuda"], ["apply", "--budget", "lots"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "not allowed with argument" in err and "invalid choice: 'cuda'" in err and "a percentage (1%)" in err
+
+
+def test_only_user_errors_become_an_error_line(monkeypatch, capsys):
+    from domlora_kernels import cli
+    from domlora_kernels.errors import MissingExtraError
+
+    def fails_with(exc):
+        monkeypatch.setattr(cli, "cmd_compare", lambda args: (_ for _ in ()).throw(exc))
+        return main(["compare", "a.json", "b.json"])
+
+    assert fails_with(MissingExtraError("plots need matplotlib: pip install matplotlib")) == 2
+    assert "error: plots need matplotlib" in capsys.readouterr().err
+    assert fails_with(PermissionError("domlora_out: permission denied")) == 2
+    for bug in (TypeError("unsupported operand"), ImportError("cannot import name 'x'"), AttributeError("y")):
+        with pytest.raises(type(bug)):
+            fails_with(bug)
 
 
 def _report(pages: list[float], path, names=None):

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from domlora_kernels.confidence import Confidence, confidence, kendall_tau, rankdata, spearman
+from domlora_kernels.confidence import Confidence, confidence
+from domlora_kernels.stats import kendall_tau, rankdata, spearman
 from domlora_kernels.scores import ModuleInfo, PageScores
 
 
@@ -35,7 +36,7 @@ def test_clearly_dominant_module_wins_everything():
     assert c.dominant == "m.3"
     assert c.bootstrap_top1 == {"m.3": 1.0} and c.seed_top1 == {"m.3": 8}
     share = float(e[3].mean() / e.mean(dim=(1, 2)).sum())
-    assert c.share == pytest.approx(share) and c.top1_share == pytest.approx(share)
+    assert c.share == pytest.approx(share)
     assert c.sentence() == f"dominant: m.3 (share {100 * share:.0f}%, top-1 in 100% of 200 resamples and 8/8 seeds)"
     lo, hi = c.share_interval["m.3"]
     assert lo < share < hi
@@ -103,9 +104,9 @@ def test_concentration():
     e = torch.full((4, 1, 3), 1e-300, dtype=torch.float64)
     e[2] = 1.0
     c = confidence(from_energies(e))
-    assert c.top1_share == pytest.approx(1.0) and c.entropy == pytest.approx(0.0, abs=1e-9)
+    assert c.share == pytest.approx(1.0) and c.entropy == pytest.approx(0.0, abs=1e-9)
     flat = confidence(from_energies(torch.ones(4, 1, 3, dtype=torch.float64)))
-    assert flat.entropy == pytest.approx(1.0) and flat.top1_share == pytest.approx(0.25)
+    assert flat.entropy == pytest.approx(1.0) and flat.share == pytest.approx(0.25)
 
 
 def test_gradient_estimator_gives_seed_statistics_only():
@@ -122,6 +123,8 @@ def test_json_round_trip_and_bad_input():
     c = confidence(from_energies(noisy(4, 2, 6)), num_resamples=20)
     back = Confidence.from_dict(json.loads(json.dumps(c.to_dict(), allow_nan=False)))
     assert back == c
+    old = {**c.to_dict(), "top1_share": c.share}  # reports written before top1_share was dropped carry it
+    assert Confidence.from_dict(old) == c and "top1_share" not in c.to_dict()
     s = from_energies(noisy(4, 2, 6))
     with pytest.raises(ValueError, match="num_resamples must be an integer >= 1"):
         confidence(s, num_resamples=0)

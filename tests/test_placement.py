@@ -242,3 +242,19 @@ def test_rank_pattern_dict_and_bad_inputs(probed):
     pm = apply_domlora(copy.deepcopy(model), scores, verbose=False)
     with pytest.raises(ValueError, match="already carries peft adapters"):
         apply_domlora(pm, scores, verbose=False)
+
+
+def test_apply_takes_exactly_domlora_configs_arguments(probed):
+    import inspect
+
+    model, scores = probed
+    kwargs = dict(r=4, lora_alpha=8, top_k=3, rank_pattern="page", lora_dropout=0.0)
+    pm = apply_domlora(copy.deepcopy(model), scores, verbose=False, **kwargs)
+    want = domlora_config(scores, **kwargs)
+    got = pm.peft_config["default"]
+    assert (got.target_modules, got.rank_pattern, got.r, got.lora_alpha) == (
+        want.target_modules, want.rank_pattern, want.r, want.lora_alpha)
+    params = list(inspect.signature(apply_domlora).parameters)
+    assert params[:2] == ["model", "scores"] and params[2:-3] == list(inspect.signature(domlora_config).parameters)[1:-1]
+    with pytest.raises(TypeError, match="takes domlora_config's arguments after the model"):
+        apply_domlora(copy.deepcopy(model), scores, 8, 16, 1, "lora", None, "default")

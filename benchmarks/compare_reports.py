@@ -1,6 +1,9 @@
-"""Agreement of two PAGE reports (e.g. one process against torchrun), for the README figures.
+"""Agreement of two PAGE reports, e.g. one process against the same probe under torchrun.
 
-    python tests/compare_reports.py one_process.json two_ranks.json
+    python benchmarks/compare_reports.py one_process.json two_ranks.json
+
+The README's torchrun figures come from this script; the commands and their output are in
+benchmarks/results/torchrun_vs_one_process.txt.
 
 Prints the largest relative difference of the scores and of the per-sample energies.
 Exits 1 if the modules, sample counts or dominant modules differ.
