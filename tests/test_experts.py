@@ -340,3 +340,87 @@ def test_cli_probe_ranks_expert_weights_of_a_saved_moe_model(tmp_path, capsys):
         assert sum(m["experts"]) == pytest.approx(m["page"], rel=1e-9) and m["page"] > 0
         assert f"{m['name']}  [4 experts]" in text
     assert len(report["modules"]) == 12  # q, k, v, o and the two expert weights, in both layers
+
+
+# ------------------------------------------------------------------ placement through target_parameters
+def _placed_layers(pm) -> dict:
+    """expert weight name -> peft's ParamWrapper holding its adapter."""
+    from domlora_kernels.placement import _adapted_layers
+
+    return _adapted_layers(pm.get_base_model(), "default")
+
+
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
+def test_apply_domlora_on_expert_weights_first_step_identity(variant):
+    """The adapter placed on an expert weight gets, per sample and per expert, the probe's energy."""
+    import copy
+
+    from domlora_kernels import apply_domlora, page_scores
+    from domlora_kernels.losses import causal_lm_losses
+
+    model = tiny_moe("qwen3_moe")
+    rslora = variant == "rslora"
+    scores = page_scores(model, _batches(), rank=4, lora_alpha=8, use_rslora=rslora, progress=False)
+    experts_ranked = [n for n, _ in scores.ranked() if scores.modules[n].expert_weight]
+    top_k = [n for n, _ in scores.ranked()].index(experts_ranked[0]) + 1  # down to the best expert weight
+    pm = apply_domlora(copy.deepcopy(model), scores, r=4, lora_alpha=8, top_k=top_k, variant=variant, verbose=False)
+    placement = pm.domlora_placement
+    name = experts_ranked[0]
+    assert name in placement.targets and name in placement.copied_A
+    layers = _placed_layers(pm)
+    assert sorted(layers) == sorted(placement.targets)
+    layer = layers[name]
+    num_experts = scores.modules[name].num_experts
+    assert layer.lora_A["default"].weight.shape == (4 * num_experts, scores.modules[name].in_features)
+    assert torch.equal(layer.lora_A["default"].weight, scores.lora_A[name])
+    per = []
+    for batch in _batches():
+        for b in range(batch["input_ids"].shape[0]):
+            ids = batch["input_ids"][b:b + 1, :int(batch["attention_mask"][b].sum())]
+            pm.zero_grad(set_to_none=True)
+            causal_lm_losses(pm(input_ids=ids, use_cache=False).logits, ids)[0].backward()
+            g = layer.lora_B["default"].weight.grad.double()
+            per.append(torch.stack([g[:, e::num_experts].square().sum() for e in range(num_experts)]))
+    per = torch.stack(per)  # [N, E]
+    assert rel_err(per.sum(dim=1), scores.per_sample[name][0]) < TOL
+    assert rel_err(per.mean(dim=0), torch.tensor(scores.by_expert[name], dtype=torch.float64)) < TOL
+    # trainable parameters: r * E * (n + m) for the expert weight, r * (n + m) per module
+    want = sum(4 * i.num_experts * (i.in_features + i.out_features) for i in map(scores.modules.get, placement.targets))
+    assert placement.trainable_params == want
+
+
+def test_budget_counts_every_expert_and_ranks_expert_weights_without_peft_noise():
+    import copy
+    import warnings
+
+    from domlora_kernels import apply_domlora, page_scores
+    from domlora_kernels.budget import rank_unit, vanilla_lora_params
+
+    model = tiny_moe("mixtral")
+    scores = page_scores(model, _batches(), rank=4, target_modules=["experts.down_proj", "q_proj"], progress=False)
+    info = scores.modules["model.layers.0.mlp.experts.down_proj"]
+    assert rank_unit(info) == 4 * (48 + 32)
+    assert vanilla_lora_params(scores, 4) == sum(4 * rank_unit(i) for i in scores.modules.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # peft's "rank_pattern keys did not match" must not leak
+        pm = apply_domlora(copy.deepcopy(model), scores, r=4, lora_alpha=8, budget="40%", verbose=False)
+    placement = pm.domlora_placement
+    assert placement.trainable_params <= placement.budget
+    layers = _placed_layers(pm)
+    for name, k in placement.ranks.items():
+        e = scores.modules[name].num_experts
+        assert layers[name].lora_A["default"].weight.shape[0] == k * e, name
+    assert any(scores.modules[n].expert_weight for n in placement.targets)
+
+
+def test_expert_weights_only_and_dora_refused_by_name():
+    from domlora_kernels import apply_domlora, domlora_config, page_scores
+
+    model = tiny_moe("mixtral")
+    scores = page_scores(model, _batches(), rank=2, target_modules=["experts.down_proj"], progress=False)
+    with pytest.raises(ValueError, match=r"variant 'dora' cannot adapt the expert weights \['model\.layers\.\d\.mlp\.experts\.down_proj'\]"):
+        domlora_config(scores, variant="dora")
+    cfg = domlora_config(scores, top_k=2)
+    assert not cfg.target_modules and sorted(cfg.target_parameters) == sorted(scores.scores)
+    pm = apply_domlora(model, scores, top_k=2, verbose=False)  # no module adapted besides the two weights
+    assert sorted(_placed_layers(pm)) == sorted(scores.scores)
