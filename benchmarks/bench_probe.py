@@ -1,6 +1,6 @@
 """The PAGE probe against naive autograd and its peers: time and peak memory, side by side.
 
-    python benchmarks/bench_probe.py --workload headline      # the headline table (~3 min on 2 cores)
+    python benchmarks/bench_probe.py --workload headline      # the headline table (7 rounds, EVA and KappaTune 3)
     python benchmarks/bench_probe.py --workload all           # headline + every sweep + plots
     python benchmarks/bench_probe.py --workload tokens        # one sweep: tokens|batch|rank|width
     python benchmarks/bench_probe.py --workload moe           # a Mixtral-shaped mixture of experts
@@ -13,9 +13,19 @@ one backward, batch gradient), ``autograd-per-sample`` (one sample per backward:
 paper's definition), ``torch.func`` (vmap(grad) per-sample gradients, when they fit in
 memory), ``probe-expected`` (page_scores(projection="expected")) and ``opacus`` (ghost
 norms; its ratio is also given against probe-expected, which computes the same quantity).
+Next to them, on the headline and width workloads, the peers a user would pick instead of
+PAGE to decide where LoRA goes, which compute something else: ``eva`` (peft's EVA, a rank
+allocation: forwards with an incremental SVD of each module's input, cycled over the batch
+until converged; the table gives its passes over the batch) and ``kappatune`` (peft's
+KappaTune, a data-free module selection from the weights' condition numbers). Their rows
+compare the cost of a decision, not of the same number; the agreement checks do not apply
+to them and say so.
 
 Time: one process, providers interleaved (the order rotates each round), ``--warmup``
-untimed rounds, then ``--repeats`` timed rounds; the median is reported. Memory: a fresh
+untimed rounds, then ``--repeats`` timed rounds (default 7 for the headline, 3 for a sweep
+point); the median is reported. The slow providers (EVA, KappaTune) skip the warm-up and run
+in ``--slow-rounds`` of the timed rounds (default 3 for the headline, 1 for a sweep point),
+spread evenly; the table says so. Memory: a fresh
 subprocess per provider loads the model, builds the inputs, then resets the kernel's
 high-water mark (``/proc/self/clear_refs``, so the transient peak of loading the model is
 not counted), runs the provider once and reads ``ru_maxrss``: the peak resident memory
@@ -23,7 +33,7 @@ during the run, model included, reported as is and as the delta over the residen
 just before the run (model loaded). On CUDA, ``torch.cuda.max_memory_allocated`` over
 ``memory_allocated`` before the run, with synchronised timings (written, not run here).
 
-Before the table, the harness checks that the providers computed the same thing on this
+Before the table, the harness checks that the energy providers computed the same thing on this
 very batch (relative error of the per-sample energies, float32) and exits 1 if the probe
 and autograd-per-sample differ by more than 1e-4. Results go to benchmarks/results/ as
 JSON (with the machine: CPU model, cores, load average, versions, GPU) and CSV; plots
@@ -79,8 +89,23 @@ WIDTHS = [
 MIXTRAL_SHAPE = {"model": "mixtral", "hidden": 512, "intermediate": 1792, "layers": 4, "heads": 8, "kv_heads": 2,
                  "experts": 8, "top_k": 2, "vocab": 32000}
 
-ALL_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample", "torch.func", "probe-expected", "opacus"]
+# The peers that decide placement some other way (providers.py: ``decision``): they compute a
+# rank allocation or a module selection, not PAGE's energies, so only their cost compares.
+DECISION_PROVIDERS = ["eva", "kappatune"]
+ALL_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample", "torch.func", "probe-expected", "opacus",
+                 *DECISION_PROVIDERS]
 SWEEP_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample"]
+# Timed rounds per workload unless --repeats says otherwise: the headline is the median of
+# at least 7 interleaved rounds; each sweep point 3.
+DEFAULT_REPEATS = {"headline": 7}
+SWEEP_REPEATS = 3
+# Timed rounds of a slow provider (providers.py: ``slow``; EVA, KappaTune) unless
+# --slow-rounds says otherwise, without a warm-up round: they take tens of seconds a run,
+# so first-call effects are small against them, and 7+1 rounds of them would double the
+# headline. A sweep point gets one (KappaTune's SVDs of the 1B shape take minutes).
+SLOW_ROUNDS = 3
+DEFAULT_SLOW_ROUNDS = {"headline": SLOW_ROUNDS}
+SWEEP_SLOW_ROUNDS = 1
 
 
 def workloads() -> dict[str, list[dict]]:
@@ -95,7 +120,7 @@ def workloads() -> dict[str, list[dict]]:
         "batch": [pt(f"B={b}", SMOLLM2, b, 128, 8, memory=False) for b in (1, 2, 4, 8, 16)],
         # rank changes only the probe (and the naive projections): floor as the reference
         "rank": [pt(f"r={r}", SMOLLM2, 8, 128, r, ["probe", "floor", "autograd"], memory=False) for r in (1, 8, 64, 256)],
-        "width": [pt(label, spec, 1, 128, 8) for label, spec in WIDTHS],
+        "width": [pt(label, spec, 1, 128, 8, SWEEP_PROVIDERS + DECISION_PROVIDERS) for label, spec in WIDTHS],
         "moe": [pt("mixtral-shape B=4 T=128 r=8", MIXTRAL_SHAPE, 4, 128, 8)],
     }
 
@@ -204,7 +229,7 @@ def mem_available() -> int | None:
     return None
 
 
-def skip_reason(name: str, model, ids) -> str | None:
+def skip_reason(name: str, model, ids, rank: int | None = None) -> str | None:
     """Why a provider cannot run here, or None."""
     import providers as P
 
@@ -213,6 +238,8 @@ def skip_reason(name: str, model, ids) -> str | None:
             import opacus  # noqa: F401
         except ImportError as e:
             return f"opacus not installed ({e}); pip install opacus"
+    if name in DECISION_PROVIDERS:
+        return decision_skip_reason(name, ids, rank)
     if name == "torch.func":
         need = P.per_sample_grad_bytes(model, ids.shape[0])
         if ids.is_cuda:
@@ -225,6 +252,24 @@ def skip_reason(name: str, model, ids) -> str | None:
     return None
 
 
+def decision_skip_reason(name: str, ids, rank: int | None) -> str | None:
+    """Why EVA or KappaTune cannot run here (the installed peft lacks it, or a batch too
+    small for EVA's SVD), or None. ``ids`` None: only the installation is checked."""
+    import peft
+
+    api = {"eva": ("get_eva_state_dict", "EvaConfig"), "kappatune": ("find_kappa_target_modules",)}[name]
+    missing = [a for a in api if not hasattr(peft, a)]
+    if missing:
+        return f"peft {peft.__version__} has no {', '.join(missing)} ({name}); pip install -U peft"
+    if name == "eva" and ids is not None and rank is not None:
+        import providers as P
+
+        if ids.numel() < P.eva_min_tokens(rank):
+            return (f"a batch of {ids.numel()} tokens is below the {P.eva_min_tokens(rank)} components EVA fits "
+                    f"at rank {rank} (rho {P.EVA_RHO}); peft would skip every SVD step and never converge")
+    return None
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -233,34 +278,52 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def time_providers(model, ids, rank: int, names: list[str], warmup: int, repeats: int, log=print):
-    """Interleaved timings: ``{name: [seconds per run]}`` and the first run's energies."""
+def slow_schedule(warmup: int, repeats: int, slow_rounds: int) -> list[int]:
+    """The rounds (0-based, warm-up rounds first) a slow provider runs in: no warm-up, and
+    ``min(slow_rounds, repeats)`` timed rounds spread evenly over the timed ones."""
+    k = min(slow_rounds, repeats)
+    return [warmup + (j * repeats) // k for j in range(k)]
+
+
+def _time_one(p):
+    """One run of a provider, untimed prepare and teardown: ``(seconds, energies)``."""
+    p.prepare()
+    _sync()
+    t0 = time.perf_counter()
+    e = p.run()
+    _sync()
+    dt = time.perf_counter() - t0
+    p.teardown()
+    return dt, e
+
+
+def time_providers(model, ids, rank: int, names: list[str], warmup: int, repeats: int, log=print,
+                   slow_rounds: int = SLOW_ROUNDS):
+    """Interleaved timings: ``{name: [seconds per run]}``, the first run's energies, and the
+    outcome of every timed run of each decision provider."""
     import providers as P
 
     provs = {n: P.PROVIDERS[n](model, ids, rank) for n in names}
-    times = {n: [] for n in names}
+    slow = {n: slow_schedule(warmup, repeats, slow_rounds) for n in names if provs[n].slow}
+    for n, rounds in slow.items():
+        log(f"  {n}: slow provider, {len(rounds)} of {repeats} timed rounds (rounds {', '.join(str(r + 1) for r in rounds)}),"
+            f" no warm-up (--slow-rounds)")
+    times, outcomes = {n: [] for n in names}, {n: [] for n in names if provs[n].decision}
     energies = {}
     for rnd in range(warmup + repeats):
         this = {}
         k = rnd % len(names)
         order = names[k:] + names[:k]  # rotate, so no provider always runs after the same one
-        for n in order:
-            p = provs[n]
-            p.prepare()
-            _sync()
-            t0 = time.perf_counter()
-            e = p.run()
-            _sync()
-            dt = time.perf_counter() - t0
-            p.teardown()
-            if n not in energies:
-                energies[n] = e
+        for n in (n for n in order if n not in slow or rnd in slow[n]):
+            this[n], e = _time_one(provs[n])
+            energies.setdefault(n, e)
             if rnd >= warmup:
-                times[n].append(dt)
-            this[n] = dt
+                times[n].append(this[n])
+                if n in outcomes:
+                    outcomes[n].append(provs[n].outcome())
         log(f"  round {rnd + 1}/{warmup + repeats}{' (warmup)' if rnd < warmup else ''}: "
-            + ", ".join(f"{n} {this[n]:.2f}s" for n in names), flush=True)
-    return times, energies
+            + ", ".join(f"{n} {this[n]:.2f}s" for n in names if n in this), flush=True)
+    return times, energies, outcomes
 
 
 # ----------------------------------------------------------------------------- memory (child processes)
@@ -287,7 +350,7 @@ def child_memory(job: dict) -> dict:
 
     model = build_model(job["spec"])
     ids = make_ids(model, job["batch"], job["tokens"])
-    why = skip_reason(job["provider"], model, ids)
+    why = skip_reason(job["provider"], model, ids, job["rank"])
     if why:
         return {"provider": job["provider"], "skipped": why}
     p = P.PROVIDERS[job["provider"]](model, ids, job["rank"])
@@ -368,6 +431,15 @@ def agreement(energies: dict, model, ids, rank: int) -> list[dict]:
     return checks
 
 
+def not_checked(names: list[str]) -> dict[str, str]:
+    """The providers the agreement checks do not apply to, with why: the decision providers."""
+    import providers as P
+
+    return {n: f"computes a {P.PROVIDERS[n].decision}, not PAGE's energies: nothing of the probe's to check it "
+               f"against; its row compares the cost of a decision"
+            for n in names if P.PROVIDERS[n].decision}
+
+
 # ----------------------------------------------------------------------------- one point
 
 
@@ -378,36 +450,50 @@ def memory_point(point: dict, log=print) -> dict:
     if not point["memory"]:
         return mem
     for n in point["providers"]:
-        if n == "opacus" and skip_reason(n, None, None):
+        if n in ("opacus", *DECISION_PROVIDERS) and skip_reason(n, None, None):
             continue
         log(f"[{point['label']}] memory: {n} in a fresh process (parent RSS {_rss_now() / 2**20:.0f} MiB)")
         mem[n] = measure_memory(point, n, log)
     return mem
 
 
-def run_point(point: dict, warmup: int, repeats: int, mem: dict, log=print) -> dict:
+def run_point(point: dict, warmup: int, repeats: int, mem: dict, log=print, slow_rounds: int = SLOW_ROUNDS) -> dict:
     model = build_model(point["spec"])
     ids = make_ids(model, point["batch"], point["tokens"])
     names, skipped = [], {}
     for n in point["providers"]:
-        why = skip_reason(n, model, ids)
+        why = skip_reason(n, model, ids, point["rank"])
         if why:
             skipped[n] = why
             log(f"  {n}: skipped: {why}")
         else:
             names.append(n)
     log(f"[{point['label']}] timing {', '.join(names)}: {warmup} warmup + {repeats} rounds, interleaved")
-    times, energies = time_providers(model, ids, point["rank"], names, warmup, repeats, log)
+    times, energies, outcomes = time_providers(model, ids, point["rank"], names, warmup, repeats, log, slow_rounds)
     checks = agreement(energies, model, ids, point["rank"]) if len(names) > 1 else []
     rows = {}
     for n in names:
         rows[n] = {"times_s": times[n], "median_s": statistics.median(times[n]), "memory": mem.get(n)}
+        if n in outcomes:
+            rows[n].update(decision_row(n, outcomes[n]))
     return {
         "label": point["label"], "spec": point["spec"], "batch": point["batch"], "tokens": point["tokens"],
         "rank": point["rank"], "candidate_params": candidate_params(model),
         "num_candidates": len(__import__("providers").find_candidates(model)),
-        "providers": rows, "skipped": skipped, "checks": checks, "warmup": warmup, "repeats": repeats,
+        "providers": rows, "skipped": skipped, "checks": checks, "not_checked": not_checked(names),
+        "warmup": warmup, "repeats": repeats, "slow_rounds": slow_rounds,
     }
+
+
+def decision_row(name: str, outcomes: list[dict]) -> dict:
+    """What a decision provider's row adds: what it decides, its first timed run's outcome,
+    and its passes over the batches in every timed run (EVA)."""
+    import providers as P
+
+    row = {"decision": P.PROVIDERS[name].decision, "outcome": outcomes[0]}
+    if "passes" in outcomes[0]:
+        row["passes"] = [o["passes"] for o in outcomes]
+    return row
 
 
 # ----------------------------------------------------------------------------- output
@@ -417,11 +503,27 @@ def _mb(b):
     return f"{b / 2**20:,.0f}" if b is not None else "-"
 
 
+def _passes(r: dict) -> str:
+    ps = r.get("passes")
+    return f"{statistics.median(ps):g}" if ps else "-"
+
+
+def outcome_text(outcome: dict) -> str:
+    """One line of what a decision provider decided (EVA's ranks and passes, KappaTune's pick)."""
+    if "ranks" in outcome:
+        o = outcome
+        return (f"ranks {o['rank_min']}-{o['rank_max']}, {o['modules_with_rank']} of {len(o['ranks'])} modules get an "
+                f"adapter, {o['rank_total']} of a {o['rank_budget']} rank budget; {o['passes']:g} passes over "
+                f"{o['batches']} batch{'es' if o['batches'] > 1 else ''} ({o['forwards']} forwards, one to find equal inputs)")
+    return (f"picks {outcome['modules_picked']} modules ({outcome['candidates_picked']} of them candidates), "
+            f"top_p {outcome['top_p']}")
+
+
 def table(res: dict) -> str:
     rows = res["providers"]
     base = rows.get(BASELINE)
     lines = [f"{res['label']}  ({res['num_candidates']} candidate modules, {res['candidate_params'] / 1e6:.1f}M weights)",
-             f"{'provider':<22}{'median s':>10}{'x probe':>9}{'peak MB':>10}{'+MB run':>10}{'mem x probe':>12}"]
+             f"{'provider':<22}{'median s':>10}{'x probe':>9}{'peak MB':>10}{'+MB run':>10}{'mem x probe':>12}{'passes':>8}"]
     for n, r in rows.items():
         m = r["memory"] or {}
         ratio = r["median_s"] / base["median_s"] if base else float("nan")
@@ -436,9 +538,17 @@ def table(res: dict) -> str:
             mark += f"  (ru_maxrss != VmHWM {_mb(hwm)} MB: parent too large when spawned)"
         if m.get("skipped") or m.get("error"):
             mark += f"  (memory: {m.get('skipped') or m.get('error')})"
-        lines.append(f"{n:<22}{r['median_s']:>10.3f}{ratio:>9.2f}{_mb(mb):>10}{_mb(m.get('delta_bytes')):>10}{mem_ratio:>12}{mark}")
+        if len(r["times_s"]) < res["repeats"]:
+            mark += f"  ({len(r['times_s'])} of {res['repeats']} rounds: slow-provider cap, --slow-rounds)"
+        lines.append(f"{n:<22}{r['median_s']:>10.3f}{ratio:>9.2f}{_mb(mb):>10}{_mb(m.get('delta_bytes')):>10}{mem_ratio:>12}"
+                     f"{_passes(r):>8}{mark}")
     for n, why in res["skipped"].items():
         lines.append(f"{n:<22}  skipped: {why}")
+    decisions = [n for n, r in rows.items() if r.get("decision")]
+    if decisions:
+        lines.append(f"{', '.join(decisions)}: the cost of deciding placement another way, not of computing the same "
+                     f"number; the probe's row is the cost of PAGE's scores, from which its placement follows")
+        lines += [f"  {n} ({rows[n]['decision']}): {outcome_text(rows[n]['outcome'])}" for n in decisions]
     return "\n".join(lines)
 
 
@@ -447,6 +557,8 @@ def checks_text(res: dict) -> str:
     for c in res["checks"]:
         verdict = "ok" if c["ok"] else ("FAIL" if c["required"] else "above tol")
         out.append(f"check {c['a']} vs {c['b']} ({c['what']}): max rel err {c['rel_err']:.2e} (tol {c['tol']:.0e}) {verdict}")
+    for n, why in res.get("not_checked", {}).items():
+        out.append(f"check {n}: not applicable: {why}")
     return "\n".join(out)
 
 
@@ -457,15 +569,33 @@ def write(name: str, payload: dict) -> Path:
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["point", "batch", "tokens", "rank", "candidate_params", "provider", "median_s", "ratio_to_probe",
-                    "peak_rss_bytes", "delta_bytes"])
+                    "peak_rss_bytes", "delta_bytes", "passes", "decision"])
         for pt in payload["points"]:
             base = pt["providers"].get(BASELINE)
             for n, r in pt["providers"].items():
                 m = r["memory"] or {}
                 w.writerow([pt["label"], pt["batch"], pt["tokens"], pt["rank"], pt["candidate_params"], n,
                             f"{r['median_s']:.4f}", f"{r['median_s'] / base['median_s']:.3f}" if base else "",
-                            m.get("peak_bytes", ""), m.get("delta_bytes", "")])
+                            m.get("peak_bytes", ""), m.get("delta_bytes", ""),
+                            f"{statistics.median(r['passes']):g}" if r.get("passes") else "", r.get("decision", "")])
     return path
+
+
+def _plot_provider(axes, pts: list[dict], n: str, xkey: str, has_mem: bool) -> None:
+    """One provider's line on the time (and memory) axes; a decision provider's dashed and
+    labelled as such (its cost only: it computes something else), EVA's points with their passes."""
+    rows = [(p[xkey], p["providers"][n]) for p in pts if n in p["providers"]]
+    decision = any(r.get("decision") for _, r in rows)
+    style, label = ("o--", f"{n} (a decision: cost only)") if decision else ("o-", n)
+    axes[0].plot([x for x, _ in rows], [r["median_s"] for _, r in rows], style, label=label)
+    for x, r in rows:
+        if r.get("passes"):
+            axes[0].annotate(f"{statistics.median(r['passes']):g} passes", (x, r["median_s"]), fontsize=7,
+                             textcoords="offset points", xytext=(4, 4))
+    if has_mem:
+        ms = [(x, (r["memory"] or {}).get("delta_bytes")) for x, r in rows]
+        ms = [(x, y / 2**20) for x, y in ms if y is not None]
+        axes[1].plot([x for x, _ in ms], [y for _, y in ms], style, label=label)
 
 
 def plot() -> list[Path]:
@@ -489,12 +619,7 @@ def plot() -> list[Path]:
         fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4.2), squeeze=False)
         provs = list(dict.fromkeys(n for p in pts for n in p["providers"]))
         for n in provs:
-            xs = [p[xkey] for p in pts if n in p["providers"]]
-            axes[0, 0].plot(xs, [p["providers"][n]["median_s"] for p in pts if n in p["providers"]], "o-", label=n)
-            if has_mem:
-                ms = [(p[xkey], (p["providers"][n]["memory"] or {}).get("delta_bytes")) for p in pts if n in p["providers"]]
-                ms = [(x, y / 2**20) for x, y in ms if y is not None]
-                axes[0, 1].plot([x for x, _ in ms], [y for _, y in ms], "o-", label=n)
+            _plot_provider(axes[0], pts, n, xkey, has_mem)
         axes[0, 0].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="median seconds per batch", title=f"time ({sweep} sweep)")
         if has_mem:
             axes[0, 1].set(xscale="log", yscale="log", xlabel=xlabel, ylabel="peak RSS over loaded model, MiB",
@@ -520,10 +645,11 @@ def run_workload(name: str, args, mems: list[dict]) -> dict:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     warmup = args.warmup
-    repeats = args.repeats if args.repeats is not None else 3
+    repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS.get(name, SWEEP_REPEATS)
+    slow_rounds = args.slow_rounds if args.slow_rounds is not None else DEFAULT_SLOW_ROUNDS.get(name, SWEEP_SLOW_ROUNDS)
     results = []
     for pt, mem in zip(points, mems):
-        results.append(run_point(pt, warmup, repeats, mem))
+        results.append(run_point(pt, warmup, repeats, mem, slow_rounds=slow_rounds))
         print(table(results[-1]), flush=True)
     payload = {"workload": name, "machine": m, "machine_line": machine_line(m), "loadavg_before": load0,
                "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
@@ -538,15 +664,19 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", default="headline",
                     help=f"one of {', '.join(workloads())}, a comma-separated list of them, or all (default headline)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help=f"timed rounds (default {DEFAULT_REPEATS['headline']} for headline, {SWEEP_REPEATS} for the sweeps)")
+    ap.add_argument("--slow-rounds", type=int, default=None,
+                    help=f"timed rounds of the slow providers (EVA, KappaTune), at most --repeats, no warm-up "
+                         f"(default {SLOW_ROUNDS} for headline, {SWEEP_SLOW_ROUNDS} for the sweeps)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--suffix", default="", help="appended to the results file names (headline<suffix>.json)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    if args.warmup < 0 or (args.repeats is not None and args.repeats < 1):
-        ap.error("--warmup must be >= 0 and --repeats >= 1")
+    if args.warmup < 0 or (args.repeats is not None and args.repeats < 1) or (args.slow_rounds is not None and args.slow_rounds < 1):
+        ap.error("--warmup must be >= 0, --repeats >= 1 and --slow-rounds >= 1")
     if args.child:
         print("CHILD_RESULT " + json.dumps(child_memory(json.loads(args.child))), flush=True)
         return 0
@@ -577,7 +707,7 @@ def main(argv=None) -> int:
           f"{' '.join(f'{x:.2f}' for x in last['loadavg_after'])}; total {time.perf_counter() - t0:.0f} s")
     failed = False
     for pt in last["points"]:
-        if pt["checks"]:
+        if pt["checks"] or pt["not_checked"]:
             print(checks_text(pt))
         failed |= any(c["required"] and not c["ok"] for c in pt["checks"])
         print(table(pt))

@@ -16,6 +16,12 @@ A provider is a class with three steps, of which only ``run`` is timed:
 
 The shared model is kept frozen and in eval mode between providers, which is the state
 ``page_scores`` also leaves it in.
+
+Decision providers (``decision`` set) are the peers a user would pick instead of PAGE to
+decide where LoRA goes: peft's EVA (a data-driven rank allocation) and peft's KappaTune (a
+data-free module selection). They compute something else than the energies, so ``run``
+returns None and the harness compares only the cost of the decision; what they decided is
+in ``outcome()``. ``slow`` providers run fewer timed rounds (the harness's round cap).
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ class Provider(abc.ABC):
     # What the energies are comparable with: "A" (per-sample ||G_b A^T||^2), "A-batch"
     # (||sum_b G_b A^T||^2), "expected" (r / 3n ||G_b||^2), or None (the floor computes none).
     kind: str | None = "A"
+    # What a decision provider decides (None: it computes PAGE's energies or the floor).
+    decision: str | None = None
+    # True: too slow for every round of the headline; the harness caps its timed rounds.
+    slow = False
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, rank: int):
         self.model, self.ids, self.rank = model, ids, rank
@@ -71,6 +81,10 @@ class Provider(abc.ABC):
 
     def teardown(self) -> None:
         pass
+
+    def outcome(self) -> dict | None:
+        """What the last ``run`` decided, JSON-able (decision providers only)."""
+        return None
 
     # shared helpers
     def _weights_require_grad(self, flag: bool) -> None:
@@ -251,8 +265,101 @@ class Opacus(Provider):
         self._gsm = None
 
 
+EVA_RHO = 2.0  # EvaConfig's default: a module may get up to rho * r of the r * modules budget
+
+
+def eva_min_tokens(rank: int) -> int:
+    """Tokens a batch needs for EVA to fit its SVD (``round(rho r)`` components); with fewer,
+    peft skips every SVD step and its convergence loop never ends."""
+    return round(rank * EVA_RHO)
+
+
+def _remove_eva_hooks(model: nn.Module) -> None:
+    """Drop the forward hooks EVA registers, which it leaves behind when it raises."""
+    from peft.tuners.lora.eva import _Hook
+
+    for mod in model.modules():
+        for key in [k for k, h in mod._forward_hooks.items() if isinstance(h, _Hook)]:
+            del mod._forward_hooks[key]
+
+
+class Eva(Provider):
+    """peft's EVA, the way ``initialize_lora_eva_weights`` computes it before loading the
+    weights: ``get_eva_state_dict`` with ``LoraConfig(r=rank, init_lora_weights="eva",
+    eva_config=EvaConfig(rho=2))`` on every candidate, the provider's batch as the
+    dataloader. One forward to find modules with equal inputs, then forwards with an
+    incremental SVD of each module's input, cycling over the batches until the components
+    its rank budget uses have converged. Its outcome: the rank of every module (0: no
+    adapter) and the passes it needed, counted through the ``forward_fn`` it calls (the
+    same forward as the other providers: ``use_cache=False``)."""
+
+    name = "eva"
+    kind = None
+    decision = "rank allocation (incremental SVD of each module's inputs, cycled to convergence)"
+    slow = True
+    max_passes = 200  # EVA has no cap of its own: a batch that never converges would loop forever
+
+    def prepare(self) -> None:
+        from peft import EvaConfig, LoraConfig
+
+        self._batches = [{"input_ids": self.ids}]
+        self._config = LoraConfig(r=self.rank, init_lora_weights="eva", eva_config=EvaConfig(rho=EVA_RHO),
+                                  target_modules=[c.name for c in self.cands])
+        self._forwards, self._ranks = 0, None
+
+    def _forward(self, model: nn.Module, inputs: dict):
+        self._forwards += 1
+        if self._forwards > 1 + self.max_passes * len(self._batches):
+            raise RuntimeError(f"EVA did not converge within {self.max_passes} passes over the batches")
+        return model(**inputs, use_cache=False)
+
+    def run(self) -> None:
+        from peft import get_eva_state_dict
+
+        self._forwards, training = 0, self.model.training
+        try:
+            eva = get_eva_state_dict(self.model, self._batches, peft_config=self._config,
+                                     forward_fn=self._forward, show_progress_bar=False)
+        except BaseException:
+            _remove_eva_hooks(self.model)
+            self.model.train(training)
+            raise
+        self._ranks = {n: int(u.shape[0]) for n, u in eva.items()}
+        return None
+
+    def outcome(self) -> dict:
+        ranks = list(self._ranks.values())
+        return {"passes": (self._forwards - 1) / len(self._batches), "forwards": self._forwards,
+                "batches": len(self._batches), "rank_budget": self.rank * len(self.cands), "rank_total": sum(ranks),
+                "rank_min": min(ranks), "rank_max": max(ranks), "modules_with_rank": sum(r > 0 for r in ranks),
+                "ranks": self._ranks}
+
+
+class KappaTune(Provider):
+    """peft's KappaTune (``find_kappa_target_modules``, its default ``top_p=0.2``): the fifth
+    of the model's linear modules with the lowest weight condition number, from an SVD of
+    every weight; data-free, so the batch is not used. Its outcome: the modules it picks."""
+
+    name = "kappatune"
+    kind = None
+    decision = "module selection (lowest weight condition numbers, data-free)"
+    slow = True
+    top_p = 0.2
+
+    def run(self) -> None:
+        from peft import find_kappa_target_modules
+
+        self._picked = find_kappa_target_modules(self.model, top_p=self.top_p, show_progress=False)["target_modules"]
+        return None
+
+    def outcome(self) -> dict:
+        cands = {c.name for c in self.cands}
+        return {"top_p": self.top_p, "modules_picked": len(self._picked),
+                "candidates_picked": sum(n in cands for n in self._picked), "modules": self._picked}
+
+
 PROVIDERS: dict[str, Callable[..., Provider]] = {
-    p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus)
+    p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus, Eva, KappaTune)
 }
 
 

@@ -1,23 +1,47 @@
-"""Calibration data: the set shipped in the package, user jsonl files, tokenising and batching.
+"""Calibration data: the set shipped in the package, user files and datasets, tokenising and batching.
 
 A record is ``{"text": ...}`` (plain language modelling: every token is a target) or
 ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template, where
 only assistant tokens are targets (the tokens a supervised fine-tune learns). Batches are
 right-padded, so each row's positions are those it has alone and padding carries no gradient.
+
+Chat records on a tokenizer without a chat template (a base model) fall back to a plain
+rendering, and :func:`make_batches` warns that it did. Each message becomes the role tag, a
+colon and a space, then its content; an assistant turn ends with the EOS token, any other
+turn with a newline; the BOS token, where the tokenizer has one, starts the sample::
+
+    <bos>User: What is 2+2?\nAssistant: 4<eos>User: And 3+3?\nAssistant: 6<eos>
+
+The tag is the role capitalised (``User``, ``Assistant``, ``System``, ...). Every piece is
+tokenised on its own and the ids concatenated, so the targets are exactly the assistant
+contents and their EOS tokens.
+
+User data (:func:`read_records`): ``.jsonl``, ``.json`` (a list of records, or JSON Lines),
+``.parquet`` and ``.csv`` files, a folder saved by ``datasets``' ``save_to_disk``, or a
+``datasets`` name or data folder (``load_dataset``). Tabular rows take their text from the
+``text`` or ``messages`` column, or from ``text_field`` / ``messages_field``; a CSV
+``messages`` cell holds the list as JSON. Errors name the file and line (or row).
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from .losses import IGNORE_INDEX
 
 TASKS = ("instruction", "math", "code", "chat")
+FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+
+
+class ChatTemplateFallbackWarning(UserWarning):
+    """Chat records were rendered plainly: the tokenizer has no chat template."""
 
 
 def _validate_record(rec: Any, where: str) -> dict:
@@ -38,20 +62,158 @@ def _validate_record(rec: Any, where: str) -> dict:
     return rec
 
 
+def _field(row: dict, field: str, where: str) -> Any:
+    if field not in row:
+        raise ValueError(f"{where}: no field {field!r}; the fields are {', '.join(map(repr, row))}")
+    return row[field]
+
+
+def _cell(value: Any, name: str, where: str, tabular: bool) -> Any:
+    """A messages cell: a CSV cell is a string holding the list as JSON."""
+    if not (tabular and isinstance(value, str)):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: {name!r} must hold a JSON list of {{'role', 'content'}} ({e.msg})") from None
+
+
+def _to_record(row: Any, where: str, text_field: str | None = None, messages_field: str | None = None,
+               tabular: bool = False) -> dict:
+    """One checked record from a row: the named field, or the row itself.
+
+    ``tabular``: every row has every column, so an empty cell of ``text`` / ``messages`` means
+    "not this one", and other columns are dropped.
+    """
+    if text_field is not None and messages_field is not None:
+        raise ValueError("give text_field or messages_field, not both (--text-field / --messages-field)")
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: each record must be an object, got {type(row).__name__}")
+    if text_field is not None:
+        return _validate_record({"text": _field(row, text_field, where)}, where)
+    if messages_field is not None:
+        return _validate_record({"messages": _cell(_field(row, messages_field, where), messages_field, where, tabular)}, where)
+    if tabular:
+        cols = list(row)
+        row = {k: row[k] for k in ("text", "messages") if row.get(k) not in (None, "")}
+        if not row:
+            raise ValueError(f"{where}: no 'text' or 'messages' value; the fields are {', '.join(map(repr, cols))}: "
+                             "name one with --text-field / --messages-field")
+        if "messages" in row:
+            row["messages"] = _cell(row["messages"], "messages", where, tabular)
+    return _validate_record(row, where)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{i}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A ``.json`` file: a list of records (each error names the line its record starts on), or JSON Lines."""
+    text = path.read_text(encoding="utf-8")
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        yield from _jsonl_rows(path)
+        return
+    dec = json.JSONDecoder()
+    pos += 1
+    while True:
+        pos += len(text[pos:]) - len(text[pos:].lstrip())
+        line = text.count("\n", 0, pos) + 1
+        if text.startswith("]", pos):
+            return
+        try:
+            row, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        yield f"{path}:{line}", row
+        pos += len(text[pos:]) - len(text[pos:].lstrip())
+        if text.startswith(",", pos):
+            pos += 1
+        elif not text.startswith("]", pos):
+            raise ValueError(f"{path}:{text.count(chr(10), 0, pos) + 1}: not valid JSON (expected ',' or ']' between records)")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        start = 2  # the line each row starts on (a quoted cell may span lines)
+        for row in reader:
+            yield f"{path}:{start}", row
+            start = reader.line_num + 1
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading .parquet needs pyarrow: `pip install 'domlora_kernels[data]'`") from None
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
+    """Rows of a ``save_to_disk`` folder, or of what ``datasets.load_dataset(name)`` resolves."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"--data {name!r} is a folder or a dataset name, which needs `datasets`: "
+                          "`pip install 'domlora_kernels[data]'`") from None
+    path = Path(name)
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        try:
+            ds = datasets.load_dataset(name, split=split)
+        except (FileNotFoundError, ValueError, ConnectionError) as e:
+            raise FileNotFoundError(f"--data {name!r}: datasets could not load it ({e}); give a .jsonl/.json/.parquet/.csv "
+                                    "file, a save_to_disk folder, or a dataset name in the local datasets cache") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"--data {name!r} has no split {split!r}; its splits are {', '.join(ds)} (--split)")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield f"{name}[{split}] row {i}", row
+
+
+def read_records(source: str | Path, *, split: str = "train", text_field: str | None = None,
+                 messages_field: str | None = None) -> list[dict]:
+    """Checked records of a ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` file, or a ``datasets``
+    folder or name (its ``split``); errors name the file and line (or row).
+
+    Args:
+        text_field / messages_field: the field holding the text (every token a target) or the
+            chat messages; default: the ``text`` or ``messages`` field.
+    """
+    path = Path(source)
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+    if path.is_file():
+        if path.suffix.lower() not in readers:
+            raise ValueError(f"--data {str(path)!r}: unknown format {path.suffix!r}; give one of {', '.join(FORMATS)}, "
+                             "a datasets folder or a dataset name")
+        rows, tabular = readers[path.suffix.lower()](path), path.suffix.lower() in (".csv", ".parquet")
+    elif path.suffix.lower() in FORMATS:
+        raise FileNotFoundError(f"--data {str(path)!r} does not exist")
+    else:
+        rows, tabular = _dataset_rows(str(source), split), True
+    out = [_to_record(row, where, text_field, messages_field, tabular) for where, row in rows]
+    if not out:
+        raise ValueError(f"{source} has no records")
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Records of a jsonl file, each checked; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--data {str(path)!r} does not exist")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        out.append(_validate_record(rec, f"{path}:{i}"))
+    out = [_to_record(row, where) for where, row in _jsonl_rows(path)]
     if not out:
         raise ValueError(f"{path} has no records")
     return out
@@ -79,11 +241,40 @@ def load_calibration(tasks: Iterable[str] | None = None) -> list[dict]:
     return out
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` renders chats itself; without a template, chats are rendered plainly."""
+    return callable(getattr(tokenizer, "apply_chat_template", None)) and getattr(tokenizer, "chat_template", "") is not None
+
+
+def _plain_chat(tokenizer, msgs: list[dict]) -> tuple[list[int], list[int]]:
+    """Ids and labels of the plain rendering (module docstring): targets are the assistant contents + EOS."""
+    ids = [] if getattr(tokenizer, "bos_token_id", None) is None else [tokenizer.bos_token_id]
+    labels = [IGNORE_INDEX] * len(ids)
+    for m in msgs:
+        head = tokenizer(f"{m['role'].capitalize()}: ", add_special_tokens=False)["input_ids"]
+        ids += head
+        labels += [IGNORE_INDEX] * len(head)
+        if m["role"] == "assistant":
+            eos = getattr(tokenizer, "eos_token_id", None)
+            body = tokenizer(m["content"], add_special_tokens=False)["input_ids"] + ([] if eos is None else [eos])
+            labels += body
+        else:
+            body = tokenizer(m["content"] + "\n", add_special_tokens=False)["input_ids"]
+            labels += [IGNORE_INDEX] * len(body)
+        ids += body
+    return ids, labels
+
+
 def encode(record: dict, tokenizer, max_length: int = 256, where: str = "record") -> dict[str, list[int]]:
-    """Token ids and labels of one record (labels -100 off target), cut to ``max_length``."""
+    """Token ids and labels of one record (labels -100 off target), cut to ``max_length``.
+
+    Chat records use the tokenizer's chat template, or the plain rendering where it has none.
+    """
     if "text" in record:
         ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
         labels = list(ids)
+    elif not has_chat_template(tokenizer):
+        ids, labels = _plain_chat(tokenizer, record["messages"])
     else:
         msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
         ids = _chat_ids(tokenizer, msgs)
@@ -125,14 +316,35 @@ def collate(encoded: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def make_batches(records: list[dict], tokenizer, batch_size: int = 8, max_length: int = 256) -> list[dict[str, torch.Tensor]]:
-    """Tokenise ``records`` and group them into right-padded batches of ``batch_size``."""
+def _is_dataset(records: Any) -> bool:
+    return type(records).__module__.startswith("datasets") and hasattr(records, "column_names")
+
+
+def make_batches(records, tokenizer, batch_size: int = 8, max_length: int = 256, *, text_field: str | None = None,
+                 messages_field: str | None = None) -> list[dict[str, torch.Tensor]]:
+    """Tokenise ``records`` and group them into right-padded batches of ``batch_size``.
+
+    Args:
+        records: a list of records, or a ``datasets.Dataset`` (its rows are read like a
+            tabular file's, see :func:`read_records`).
+        text_field / messages_field: take each record's text or messages from this field.
+
+    Warns:
+        ChatTemplateFallbackWarning: chat records met a tokenizer without a chat template and
+            were rendered plainly (module docstring).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one input and one target token), got {max_length}")
+    tabular = _is_dataset(records)
+    records = [_to_record(r, f"record {i}", text_field, messages_field, tabular) for i, r in enumerate(records)]
     if not records:
         raise ValueError("no calibration records")
+    if any("messages" in r for r in records) and not has_chat_template(tokenizer):
+        warnings.warn("the tokenizer has no chat template: chat records are rendered plainly as 'Role: content' turns, "
+                      "with loss on the assistant's tokens only (see domlora_kernels.data)", ChatTemplateFallbackWarning,
+                      stacklevel=2)
     enc = [encode(r, tokenizer, max_length, where=f"record {i}") for i, r in enumerate(records)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [collate(enc[i : i + batch_size], pad) for i in range(0, len(enc), batch_size)]

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import energies, experts, ops
+from . import energies, experts, ops, packing
 from .frozen import frozen_eval
 from .losses import causal_lm_losses, default_labels
 from .candidates import Candidate, find_candidates
@@ -77,6 +77,16 @@ class _Tap(torch.autograd.Function):
         return d, None, None
 
 
+# Layers whose output is a view made inside their own autograd Function, which autograd refuses
+# to mark dirty (and after a refused attempt, to clone): the tap takes a clone of their output.
+# bitsandbytes' 8-bit layer is one; only such layers pay for the copy.
+_VIEW_OUTPUT_LAYERS = ("Linear8bitLt",)
+
+
+def _tap(output: torch.Tensor, anchor: torch.Tensor, call: "_Call | None", clone: bool) -> torch.Tensor:
+    return _Tap.apply(output.clone() if clone else output, anchor, call)
+
+
 class _Call:
     """One forward call of one candidate module: what it kept, and where its energy goes."""
 
@@ -99,6 +109,7 @@ class _Site:
 
     def __init__(self, cand: Candidate, probe: "_Probe"):
         self.cand, self.probe = cand, probe
+        self.clone_output = type(cand.module).__name__ in _VIEW_OUTPUT_LAYERS
         self.calls = 0  # forward calls in the current batch
         self.deferred = 0  # no-grad forward calls a reentrant checkpoint will rerun in backward
         self.batch_energy: torch.Tensor | None = None  # fisher: unscaled [k, B] of the current batch
@@ -160,7 +171,7 @@ class _Site:
             raise TypeError(f"{name}: expected a tensor input and output, got {type(output).__name__}")
         mode = self.call_mode()
         if mode != "tap":
-            return None if mode == "skip" else _Tap.apply(output, p.anchor, None)
+            return None if mode == "skip" else _tap(output, p.anchor, None, self.clone_output)
         x = args[0].detach()
         if x.dim() < 2 or x.shape[-1] != n:
             raise ValueError(f"{name}: input of shape {tuple(x.shape)} is not [B, ..., {n}]")
@@ -170,7 +181,7 @@ class _Site:
         flat = _flattened_batch(args[0])
         if flat is not None:
             p.flat_views.add((flat, rows))
-        return _Tap.apply(output, p.anchor, _Call(self, kept, rows))
+        return _tap(output, p.anchor, _Call(self, kept, rows), self.clone_output)
 
     def reduce(self, kept: energies.Kept, d: torch.Tensor, rows: int) -> None:
         """Add one call's energy (fisher) or gradient sums (gradient), given ``D = dL/dY``."""
@@ -659,11 +670,7 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
             probe.active = True
             for i, batch in enumerate(batches):
                 probe.flat_views = set()
-                if loss_fn is None:
-                    _check_batch(batch, i)
-                    losses = _default_loss(model, batch, device, num_samples)
-                else:
-                    losses = loss_fn(model, batch)
+                losses = _batch_losses(model, batch, i, loss_fn, device, num_samples)
                 _check_losses(losses, i)
                 probe.batch_size = losses.numel()
                 losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
@@ -694,6 +701,23 @@ def _expert_taps(sites) -> dict[nn.Module, experts.Tap]:
         return tap
 
     return {mod: tap_of(weights) for mod, weights in by_module.items()}
+
+
+def _batch_losses(model, batch, index: int, loss_fn, device, first_sample: int) -> torch.Tensor:
+    """The batch's per-sample losses: ``loss_fn``'s, or the causal-LM losses of the batch,
+    whose packed rows (several samples per row) are measured as the samples they hold."""
+    if loss_fn is not None:
+        if isinstance(batch, Mapping) and packing.is_packed(batch):
+            raise ValueError(
+                f"batch {index} is packed (position_ids restart inside a row) and a loss_fn was given: the probe "
+                f"measures one sample per row, so give loss_fn one sample per row (domlora_kernels.packing.unpack "
+                f"does that), or drop loss_fn and let the probe unpack the batch itself"
+            )
+        return loss_fn(model, batch)
+    _check_batch(batch, index)
+    if packing.is_packed(batch):
+        batch = packing.unpack(batch, index)
+    return _default_loss(model, batch, device, first_sample)
 
 
 def _check_losses(losses: Any, index: int) -> None:

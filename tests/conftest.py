@@ -7,16 +7,18 @@ import os
 import pytest
 import torch
 
-# CPU-only: the Triton kernel tests run through Triton's interpreter, and TRITON_INTERPRET=1
-# must be in the environment before anything in the process imports triton, not only
-# before the kernel modules are: `import triton` builds triton.language's own @triton.jit
-# helpers (tl.zeros, tl.sum, ...) for the interpreter or the GPU once, from the environment
-# at that moment. Collecting test_cli_apply_compare.py imports peft -> torch._dynamo ->
-# triton, before test_ops_triton.py's own setdefault runs, so its interpreted kernels would
-# call compiled helpers ("Cannot call @triton.jit'd outside of the scope of a kernel").
-# This conftest is imported before any test module. The run phase had TRITON_INTERPRET=1
-# for every test already (test_ops_triton.py sets it while being collected), so this
-# changes nothing else. `import torch` does not import triton.
+# The only place that sets TRITON_INTERPRET. CPU-only machines run the Triton kernel tests
+# through Triton's interpreter, and TRITON_INTERPRET=1 must be in the environment before
+# anything in the process imports triton, not only before the kernel modules are: `import
+# triton` builds triton.language's own @triton.jit helpers (tl.zeros, tl.sum, ...) for the
+# interpreter or the GPU once, from the environment at that moment. Collecting
+# test_cli_apply_compare.py imports peft -> torch._dynamo -> triton, so a test module that
+# set it while being collected would come too late, and its interpreted kernels would call
+# compiled helpers ("Cannot call @triton.jit'd outside of the scope of a kernel"). This
+# conftest is imported before any test module; `import torch` does not import triton. With
+# a GPU it stays unset and the kernels compile natively (tests then put their tensors and
+# models on the GPU). tests/test_kernel_compile.py compiles real cubins in a subprocess
+# without it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

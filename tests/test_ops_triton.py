@@ -1,8 +1,7 @@
 """Triton kernels against the pure-torch reference.
 
-On a CPU-only machine the kernels run through Triton's interpreter: this module sets
-``TRITON_INTERPRET=1`` before any kernel module is imported (``@triton.jit`` reads it
-then), unless the environment already says otherwise. On a CUDA machine the same tests run
+On a CPU-only machine the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``,
+set by conftest.py before anything imports triton). On a CUDA machine the same tests run
 the compiled kernels on the GPU, plus the ``gpu``-marked ones on real-model sizes.
 
 Every kernel call here runs with ``DOMLORA_KERNELS_POISON=1``: the launchers fill their
@@ -21,9 +20,6 @@ import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
@@ -101,7 +97,7 @@ def test_projected_energy_padded(B, T, M, R, dtype):
     [
         pytest.param(2, 5, 40, 64, id="B2-T5-M40-R64"),
         pytest.param(1, 7, 30, 128, id="B1-T7-M30-R128"),
-        pytest.param(2, 3, 20, 200, id="B2-T3-M20-R200"),  # two R tiles
+        pytest.param(2, 3, 20, 200, id="B2-T3-M20-R200"),  # four R tiles
     ],
 )
 def test_projected_energy_large_rank(B, T, M, R):
@@ -152,29 +148,38 @@ class LaunchSpy:
 
 
 def test_strided_inputs_reach_the_kernels_uncopied(monkeypatch):
-    # The kernels get the caller's storage and strides, not a .contiguous() copy.
+    # The kernels get the caller's storage and strides, not a .contiguous() copy; the direct
+    # form of weight_grad_energy runs the projected kernel (one kernel per reduction).
     from domlora_kernels.ops import weight_grad_energy_triton as ge
     from domlora_kernels.ops import projected_energy_triton as pe
 
     u = randn(2, 200, 10, dtype=torch.bfloat16, seed=1).transpose(1, 2)  # [2, 10, 200]
     v = randn(2, 10, 8, dtype=torch.bfloat16, seed=2)[..., 2:5]
-    spies = {
-        "pe": LaunchSpy(pe.projected_energy_kernel),
-        "direct": LaunchSpy(ge.weight_grad_energy_direct_kernel),
-        "gram": LaunchSpy(ge.weight_grad_energy_gram_kernel),
-    }
+    spies = {"pe": LaunchSpy(pe.projected_energy_kernel), "gram": LaunchSpy(ge.weight_grad_energy_gram_kernel)}
     monkeypatch.setattr(pe, "projected_energy_kernel", spies["pe"])
-    monkeypatch.setattr(ge, "weight_grad_energy_direct_kernel", spies["direct"])
     monkeypatch.setattr(ge, "weight_grad_energy_gram_kernel", spies["gram"])
     check_projected(u, v)
     assert not uses_gram(10, 200, 3) and uses_gram(10, 200, 200)
-    check_gradient(u, v)  # direct
+    check_gradient(u, v)  # direct: the projected kernel
     check_gradient(u, u)  # Gram
-    assert [len(s.launches) for s in spies.values()] == [1, 1, 1]
-    for s in spies.values():
-        a, b = s.launches[0][:2]
+    assert [len(s.launches) for s in spies.values()] == [2, 1]
+    for a, b, *_ in spies["pe"].launches + spies["gram"].launches:
         assert a.data_ptr() == u.data_ptr() and a.stride() == u.stride()
         assert b.data_ptr() in (v.data_ptr(), u.data_ptr())
+
+
+def test_huge_strides_are_copied_not_overflowed(monkeypatch):
+    # Tiles are addressed with int32 offsets from an int64 base; a view whose tile offsets
+    # would pass 2^31 is copied first. Lowering the limit stands in for a >8 GiB buffer.
+    from domlora_kernels.ops import projected_energy_triton as pe
+
+    spy = LaunchSpy(pe.projected_energy_kernel)
+    monkeypatch.setattr(pe, "projected_energy_kernel", spy)
+    monkeypatch.setattr(pe, "fits_int32_offsets", lambda t, rows, cols: t.is_contiguous())
+    u = randn(2, 40, 63, dtype=torch.float16, seed=3).transpose(1, 2)
+    v = randn(2, 63, 5, dtype=torch.float16, seed=4)
+    check_projected(u, v)
+    assert spy.launches[0][0].is_contiguous() and spy.launches[0][0].data_ptr() != u.data_ptr()
 
 
 def test_projected_energy_mixed_dtypes():
@@ -203,6 +208,86 @@ def test_projected_energy_empty(u_shape, v_shape, lens):
     assert torch.equal(out.cpu(), projected_energy_ref(u, v, cu).cpu())
 
 
+# --------------------------------------------------------------------------- split over tokens
+
+
+def split_vs_one_pass(u, v, cu, chunk):
+    """The split launch against the float64 reference and the one-pass launch, and itself
+    run again (bitwise). Returns the split result."""
+    from domlora_kernels.ops.projected_energy_triton import projected_energy_triton
+
+    one = projected_energy_triton(u, v, cu)
+    split = projected_energy_triton(u, v, cu, chunk=chunk)
+    ref = projected_energy_ref(u.double(), v.double(), cu)
+    assert split.dtype == torch.float32 and split.shape == ref.shape
+    assert not split.isnan().any(), "an element was left unwritten (NaN poison survived)"
+    assert rel_err(split, ref) < TOL[u.dtype], f"split: relative error {rel_err(split, ref):.2e}"
+    assert rel_err(split, one) < TOL[u.dtype], "split and one pass disagree"
+    assert torch.equal(projected_energy_triton(u, v, cu, chunk=chunk), split), "split is not bitwise reproducible"
+    return split
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "B,T,M,R,chunk",
+    [
+        pytest.param(2, 1, 40, 3, 1, id="B2-T1-M40-R3-chunk1"),
+        pytest.param(3, 63, 100, 5, 16, id="B3-T63-M100-R5-chunk16"),  # 4 chunks, last of 15
+        pytest.param(1, 45, 33, 70, 7, id="B1-T45-M33-R70-chunk7"),  # 7 chunks, 2 R tiles
+    ],
+)
+def test_split_padded(B, T, M, R, chunk, dtype):
+    split_vs_one_pass(randn(B, T, M, dtype=dtype, seed=T), randn(B, T, R, dtype=dtype, seed=T + 1), None, chunk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_varlen_with_empty_segments(dtype):
+    # Chunks of 16 tokens: the 130-token segment has 9, the empty and short ones leave
+    # chunks past their end, which must write zero blocks.
+    lens = [0, 1, 17, 0, 64, 3, 130, 0]
+    n = sum(lens)
+    out = split_vs_one_pass(randn(n, 50, dtype=dtype, seed=5), randn(n, 8, dtype=dtype, seed=6), cu_of(lens), 16)
+    assert (out[torch.tensor(lens, device=DEVICE) == 0] == 0).all()
+
+
+def test_split_mixed_dtypes():
+    u = randn(2, 63, 200, dtype=torch.bfloat16, seed=7)
+    v = randn(2, 63, 8, dtype=torch.float32, seed=8)
+    split_vs_one_pass(u, v, None, 32)
+
+
+def test_split_chunk_rule():
+    from domlora_kernels.ops.projected_energy_triton import MIN_CHUNK_TOKENS, split_chunk
+
+    assert split_chunk(8192, 64, 64) is None  # enough programs already: one pass
+    assert split_chunk(2 * MIN_CHUNK_TOKENS - 1, 5, 64) is None  # too short to split
+    chunk = split_chunk(8192, 5, 64)  # B=1, T=8192, M=576: 5 programs
+    n_c = -(-8192 // chunk)
+    assert chunk >= MIN_CHUNK_TOKENS and chunk % 64 == 0 and 5 * n_c >= 64 and n_c * chunk >= 8192
+    assert -(-8192 // split_chunk(8192, 1, 10**6)) == 8192 // MIN_CHUNK_TOKENS  # capped by chunk size
+
+
+def test_ops_splits_when_one_pass_has_few_programs(monkeypatch):
+    # ops.projected_energy(backend="triton") takes the split launch when one pass would
+    # have fewer than AUTO_MIN_PROGRAMS programs and the segments are long enough.
+    import domlora_kernels.ops as ops
+    from domlora_kernels.ops import projected_energy_triton as pe
+
+    spy = LaunchSpy(pe.projected_energy_kernel)
+    monkeypatch.setattr(pe, "projected_energy_kernel", spy)
+    monkeypatch.setattr(pe, "MIN_CHUNK_TOKENS", 16)
+    monkeypatch.setattr(ops, "AUTO_MIN_PROGRAMS", 4)
+    lens = [70, 0, 5]
+    u = randn(sum(lens), 20, dtype=torch.float16, seed=9)
+    v = randn(sum(lens), 3, dtype=torch.float16, seed=10)
+    check_projected(u, v, cu_of(lens))
+    out = spy.launches[0][-1]
+    assert out.dim() == 4 and out.shape[:2] == (3, 2), "expected 2 chunks of 64 tokens per segment"
+    monkeypatch.setattr(ops, "AUTO_MIN_PROGRAMS", 3)  # one pass has 3 programs: enough
+    check_projected(u, v, cu_of(lens))
+    assert spy.launches[1][-1].shape == (3, 1)
+
+
 # --------------------------------------------------------------------------- gradient
 
 
@@ -211,7 +296,7 @@ def test_projected_energy_empty(u_shape, v_shape, lens):
     "B,T,M,N,form",
     [
         pytest.param(3, 63, 100, 70, "direct", id="B3-T63-M100-N70-direct"),
-        pytest.param(2, 130, 600, 600, "gram", id="B2-T130-M600-N600-gram"),  # 3 x 3 T tiles
+        pytest.param(2, 130, 600, 600, "gram", id="B2-T130-M600-N600-gram"),  # 5 x 5 T tiles
         pytest.param(2, 1, 1000, 3, "gram", id="B2-T1-M1000-N3-gram"),
         pytest.param(1, 5, 3, 1000, "direct", id="B1-T5-M3-N1000-direct"),
     ],
@@ -227,7 +312,7 @@ def test_weight_grad_energy_padded(B, T, M, N, form, dtype):
     [
         # M = N = 64: Gram below T = 32, direct from 32 on.
         pytest.param([0, 1, 5, 40, 31, 0, 33, 100], 64, 64, id="L0-1-5-40-31-0-33-100-M64-N64"),
-        # M = 300, N = 200: Gram below T = 120, over 2 x 2 token tiles for 70 and 119.
+        # M = 300, N = 200: Gram below T = 120, over 3 x 3 and 4 x 4 token tiles for 70 and 119.
         pytest.param([70, 0, 1, 119, 121, 3], 300, 200, id="L70-0-1-119-121-3-M300-N200"),
     ],
 )
@@ -271,11 +356,10 @@ def test_weight_grad_energy_empty(d_shape, x_shape, lens):
 
 def test_poison_hook_fills_scratch_with_nan():
     # The guarantee every test above leans on: with the flag, scratch starts as NaN.
-    from domlora_kernels.ops import weight_grad_energy_triton as ge
-    from domlora_kernels.ops import projected_energy_triton as pe
+    from domlora_kernels.ops import triton_common
 
-    assert pe._partials((3, 4), torch.device(DEVICE)).isnan().all()
-    assert ge._partials((5,), torch.device(DEVICE)).isnan().all()
+    assert triton_common.partials((3, 4), torch.device(DEVICE)).isnan().all()
+    assert triton_common.partials((5,), torch.device(DEVICE)).isnan().all()
 
 
 # --------------------------------------------------------------------------- backend errors
@@ -480,3 +564,29 @@ def test_gpu_auto_follows_threshold(monkeypatch):
     assert torch.equal(projected_energy(u, v), projected_energy(u, v, backend="triton"))
     monkeypatch.setattr(ops, "AUTO_MIN_PROGRAMS", 10**9)
     assert torch.equal(projected_energy(u, v), projected_energy(u, v, backend="torch"))
+
+
+@pytest.mark.gpu
+def test_gpu_inputs_on_another_device_than_the_current_one():
+    # Triton launches on the current CUDA device; the ops switch to the inputs' device.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    u = randn(2, 300, 1000, dtype=torch.bfloat16, seed=1).to("cuda:1")
+    v = randn(2, 300, 8, dtype=torch.bfloat16, seed=2).to("cuda:1")
+    with torch.cuda.device(0):
+        out = projected_energy(u, v, backend="triton")
+        g = weight_grad_energy(u, v, backend="triton")
+    assert out.device == u.device and g.device == u.device
+    assert rel_err(out, projected_energy_ref(u.double(), v.double())) < TOL[torch.bfloat16]
+    assert rel_err(g, weight_grad_energy_ref(u.double(), v.double())) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_split_equals_one_pass():
+    from domlora_kernels.ops.projected_energy_triton import projected_energy_triton, split_chunk
+
+    u = randn(1, 8192, 576, dtype=torch.bfloat16, seed=1)
+    v = randn(1, 8192, 16, dtype=torch.bfloat16, seed=2)
+    chunk = split_chunk(8192, 9, 64)
+    assert chunk is not None
+    split_vs_one_pass(u, v, None, chunk)

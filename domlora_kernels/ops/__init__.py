@@ -10,6 +10,11 @@ Backends:
 - ``"auto"`` (default): Triton for CUDA tensors when triton imports and the launch is big
   enough to fill the GPU (:func:`_auto_uses_triton`), else torch. Never the interpreter.
 
+The Triton path of ``projected_energy`` runs in one pass when that launch has at least
+``AUTO_MIN_PROGRAMS`` programs, else split over tokens where the segments are long enough
+(``projected_energy_triton.split_chunk``). Launches run on the inputs' CUDA device, whatever
+the current one.
+
 Triton is imported on first use only, so ``import domlora_kernels`` stays fast and works
 without it. ``@triton.jit`` reads ``TRITON_INTERPRET`` each time it decorates a function:
 for this package's kernels when the kernel modules are imported (the first triton-backend
@@ -24,6 +29,7 @@ test ``conftest.py``); a process where the two disagree gets a clear error
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -37,15 +43,14 @@ BACKENDS = ("auto", "torch", "triton")
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# "auto" sends a launch to the torch path when it has fewer programs than this. The kernels
-# cannot split a segment's tokens across programs (the energy is the square of a sum over
-# tokens), so a launch of few programs leaves most SMs idle while each program walks all T
-# tokens (B=1, T=8192, M=576: 5 programs), where bmm splits the reduction. Above it the
-# kernel reads the inputs once, where the torch path first writes a float32 copy of them
-# (and, for weight_grad_energy's direct form, a [B, M, N] float32 gradient). 64, about half the
-# SMs of an H100/H200, is a first guess, not a measurement: benchmarks/gpu_check.py prints,
-# per size, the programs of the launch and which backend was faster, and the threshold
-# that fits those timings best; set this from its output.
+# A launch of fewer programs than this leaves most SMs idle. The projected kernel then splits
+# each segment's tokens over more programs (projected_energy_triton.split_chunk); "auto"
+# sends a launch to the torch path when even that stays below it. Above it the kernel reads
+# the inputs once, where the torch path first writes a float32 copy of them (and, for
+# weight_grad_energy's direct form, a [B, M, N] float32 gradient). 64, about half the SMs
+# of an H100/H200, is a first guess, not a measurement: benchmarks/gpu_check.py prints, per
+# size, the programs of the launch and which backend was faster, and the threshold that
+# fits those timings best; set this from its output.
 AUTO_MIN_PROGRAMS = 64
 
 
@@ -65,7 +70,7 @@ def _check_rows(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_s
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; put both on one device")
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_rows: int) -> None:
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_rows: int) -> list[int]:
     # One host read of S + 1 integers (a sync on CUDA): the kernels index memory with these
     # offsets, so they are checked before any launch.
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -79,6 +84,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, n_rows: int) -> None:
             f"cu_seqlens must start at 0, be non-decreasing and end at the number of rows "
             f"({n_rows}); got {offs[:4]}{'...' if len(offs) > 4 else ''} ending at {offs[-1]}"
         )
+    return offs
 
 
 def _interpret_requested() -> bool:
@@ -111,8 +117,8 @@ def _language_interpreted() -> bool:
 
 def _kernels():
     """The kernel modules, imported on first use (this applies ``@triton.jit``)."""
-    from . import weight_grad_energy_triton as ge
     from . import projected_energy_triton as pe
+    from . import weight_grad_energy_triton as ge
 
     return pe, ge
 
@@ -161,13 +167,31 @@ def _check_triton(a: torch.Tensor, b: torch.Tensor) -> None:
         )
 
 
-def _auto_uses_triton(op: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> bool:
-    """The "auto" rule: Triton for CUDA tensors of a kernel dtype whose launch fills the
-    GPU; never the interpreter (if ``TRITON_INTERPRET=1`` built the kernels or
-    ``triton.language``, torch).
+def _programs(op: str, a: torch.Tensor, b: torch.Tensor, n_seg: int, t_max: int) -> tuple[int, int | None]:
+    """(programs, chunk) of the Triton launch: ``chunk`` is the projected kernel's tokens
+    per program when it splits over tokens, else ``None``."""
+    pe, ge = _kernels()
+    if op == "gradient":
+        # Packed: estimate with the mean segment length (the launcher splits by length).
+        t = a.shape[1] if a.dim() == 3 else a.shape[0] // max(n_seg, 1)
+        return ge.num_programs(t, a.shape[-1], b.shape[-1], n_seg), None
+    one_pass = pe.num_programs(tuple(a.shape), b.shape[-1], n_seg)
+    chunk = pe.split_chunk(t_max, one_pass, AUTO_MIN_PROGRAMS)
+    return (one_pass if chunk is None else one_pass * -(-t_max // chunk)), chunk
 
-    ``op`` is ``"projected"`` or ``"gradient"``. Exposed for benchmarks/gpu_check.py, which
-    reports where it disagrees with measurements.
+
+def _n_segments(a: torch.Tensor, cu_seqlens) -> int:
+    return a.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def _auto_uses_triton(op: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens, t_max: int | None = None) -> bool:
+    """The "auto" rule: Triton for CUDA tensors of a kernel dtype whose launch (split over
+    tokens where that helps) has at least ``AUTO_MIN_PROGRAMS`` programs; never the
+    interpreter (if ``TRITON_INTERPRET=1`` built the kernels or ``triton.language``, torch).
+
+    ``op`` is ``"projected"`` or ``"gradient"``; ``t_max`` the longest segment (read from
+    ``cu_seqlens`` when not given). Exposed for benchmarks/gpu_check.py, which reports where
+    it disagrees with measurements.
     """
     if a.device.type != "cuda" or a.dtype not in _KERNEL_DTYPES or b.dtype not in _KERNEL_DTYPES:
         return False
@@ -176,32 +200,38 @@ def _auto_uses_triton(op: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> 
     pe, ge = _kernels()
     if pe.INTERPRETED or ge.INTERPRETED or _language_interpreted():
         return False
-    n_seg = a.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-    if op == "projected":
-        programs = pe.num_programs(tuple(a.shape), b.shape[-1], n_seg)
-    else:
-        # Packed: estimate with the mean segment length (the launcher splits by length).
-        t = a.shape[1] if cu_seqlens is None else a.shape[0] // max(n_seg, 1)
-        programs = ge.num_programs(t, a.shape[-1], b.shape[-1], n_seg)
-    return programs >= AUTO_MIN_PROGRAMS
+    if t_max is None:
+        t_max = _longest(a, None if cu_seqlens is None else cu_seqlens.tolist())
+    return _programs(op, a, b, _n_segments(a, cu_seqlens), t_max)[0] >= AUTO_MIN_PROGRAMS
 
 
-def _resolve(op: str, backend: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens) -> str:
+def _resolve(op: str, backend: str, a: torch.Tensor, b: torch.Tensor, cu_seqlens, t_max: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "triton":
         _check_triton(a, b)
         return "triton"
-    if backend == "auto" and _auto_uses_triton(op, a, b, cu_seqlens):
+    if backend == "auto" and _auto_uses_triton(op, a, b, cu_seqlens, t_max):
         return "triton"
     return "torch"
 
 
-def _prepare(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_seqlens):
+def _longest(a: torch.Tensor, offs: list[int] | None) -> int:
+    if offs is None:
+        return a.shape[1]
+    return max((e - s for s, e in zip(offs, offs[1:])), default=0)
+
+
+def _prepare(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, cu_seqlens) -> int:
+    """Checks the inputs; returns the longest segment's length (``T`` when padded)."""
     _check_rows(name_a, a, name_b, b, cu_seqlens)
-    if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, a.shape[0])
-    return cu_seqlens
+    offs = None if cu_seqlens is None else _check_cu_seqlens(cu_seqlens, a.shape[0])
+    return _longest(a, offs)
+
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; inputs on another GPU must not run there.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _kernel_cu(cu_seqlens, device: torch.device):
@@ -228,11 +258,13 @@ def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor 
         >>> projected_energy(u, v).shape
         torch.Size([2])
     """
-    _prepare("u", u, "v", v, cu_seqlens)
-    if _resolve("projected", backend, u, v, cu_seqlens) == "triton":
+    t_max = _prepare("u", u, "v", v, cu_seqlens)
+    if _resolve("projected", backend, u, v, cu_seqlens, t_max) == "triton":
         from .projected_energy_triton import projected_energy_triton
 
-        return projected_energy_triton(u, v, _kernel_cu(cu_seqlens, u.device))
+        _, chunk = _programs("projected", u, v, _n_segments(u, cu_seqlens), t_max)
+        with _on_device(u):
+            return projected_energy_triton(u, v, _kernel_cu(cu_seqlens, u.device), t_max=t_max, chunk=chunk)
     return projected_energy_ref(u, v, cu_seqlens)
 
 
@@ -242,9 +274,10 @@ def weight_grad_energy(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tenso
     Args mirror :func:`projected_energy` with ``d`` the output gradient ``[.., M]`` and ``x``
     the module input ``[.., N]``. Returns float32 ``[B]`` (float64 for float64 inputs).
     """
-    _prepare("d", d, "x", x, cu_seqlens)
-    if _resolve("gradient", backend, d, x, cu_seqlens) == "triton":
+    t_max = _prepare("d", d, "x", x, cu_seqlens)
+    if _resolve("gradient", backend, d, x, cu_seqlens, t_max) == "triton":
         from .weight_grad_energy_triton import weight_grad_energy_triton
 
-        return weight_grad_energy_triton(d, x, _kernel_cu(cu_seqlens, d.device))
+        with _on_device(d):
+            return weight_grad_energy_triton(d, x, _kernel_cu(cu_seqlens, d.device))
     return weight_grad_energy_ref(d, x, cu_seqlens)

@@ -45,10 +45,9 @@ def projected_energy_ref(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Ten
     """
     acc = _acc_dtype(u, v)
     if cu_seqlens is None:
-        # one bmm for the whole batch, as (u^T v)^T = v^T u: [B, R, T] @ [B, T, M] -> [B, R, M]
-        # (same Frobenius norm). With the large u (D) as the plain right operand this is 3.7x
-        # faster on CPU than bmm(u^T, v) at M=1536, T=128 (0.27 ms vs 0.99 ms), and took the
-        # probe from 1.074x to 1.044x the frozen forward+backward (benchmarks/, SmolLM2 B=8).
+        # One bmm for the whole batch, as (u^T v)^T = v^T u: [B, R, T] @ [B, T, M] -> [B, R, M]
+        # (same Frobenius norm), with the large u (D) as the plain right operand: 3.7x faster
+        # on CPU than bmm(u^T, v) at M=1536, T=128.
         g = torch.bmm(v.transpose(1, 2).to(acc), u.to(acc))
         return g.square().sum(dim=(1, 2))
     out = torch.zeros(cu_seqlens.numel() - 1, dtype=acc, device=u.device)
@@ -58,11 +57,16 @@ def projected_energy_ref(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Ten
     return out
 
 
+def uses_gram(t: int, m: int, n: int) -> bool:
+    """The package's one cost rule for ``|| d^T x ||^2`` of a ``t``-token sample with ``m``
+    output and ``n`` input features: the Gram form ``< d d^T, x x^T >`` costs
+    ``t^2 (m + n)`` multiply-adds, the direct ``[m, n]`` form ``t m n``; Gram when cheaper."""
+    return t * t * (m + n) < t * m * n
+
+
 def _weight_grad_energy_one(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # d: [T, M], x: [T, N] in the accumulation dtype.
-    t, m = d.shape
-    n = x.shape[1]
-    if t * t * (m + n) < t * m * n:
+    if uses_gram(d.shape[0], d.shape[1], x.shape[1]):
         return ((d @ d.T) * (x @ x.T)).sum()  # ghost norm: [T, T] Grams
     return (d.T @ x).square().sum()  # direct: [M, N]
 
@@ -79,7 +83,7 @@ def weight_grad_energy_ref(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.T
         b, t, m = d.shape
         n = x.shape[-1]
         d, x = d.to(acc), x.to(acc)
-        if t * t * (m + n) < t * m * n:
+        if uses_gram(t, m, n):
             gd = torch.bmm(d, d.transpose(1, 2))  # [B, T, T]
             gx = torch.bmm(x, x.transpose(1, 2))
             return (gd * gx).sum(dim=(1, 2))

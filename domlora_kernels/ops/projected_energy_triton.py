@@ -1,175 +1,234 @@
 """Fused Triton kernel: per-sample ``|| u_s^T v_s ||_F^2`` without storing ``u_s^T v_s``.
 
 Serves projection "A" (``u = D``, ``v = X A^T``) and "B" (``u = X``, ``v = D B``) of the
-probe (docs/design.md). ``naive.projected_energy_ref`` is the oracle.
+probe, and the direct form of the full weight-gradient energy (``u = d``, ``v = x``, with
+segment ids: ``weight_grad_energy_triton``) (docs/design.md). ``naive.projected_energy_ref``
+is the oracle.
 
-One program owns one segment ``s``, one tile of ``BM`` columns of ``u`` and one tile of
-``BR`` columns of ``v``. It walks the segment's tokens ``BT`` at a time, accumulates the
+One pass: a program owns one segment ``s``, one tile of ``BM`` columns of ``u`` and one tile
+of ``BR`` columns of ``v``. It walks the segment's tokens ``BT`` at a time, accumulates the
 ``[BM, BR]`` block of ``u_s^T v_s`` in float32 registers, squares it, sums it and writes
-one float32 partial. The partials ``[S, num_M_tiles * num_R_tiles]`` are then summed in a
-fixed order (no atomics), so the result is bitwise reproducible run to run.
+one float32 partial. The partials are summed in a fixed order (no atomics), so the result
+is bitwise reproducible run to run. The launch has ``S * M-tiles * R-tiles`` programs.
 
-The energy is a square of a sum over tokens, so tokens cannot be split across programs
-without storing the ``[BM, R]`` blocks; the parallelism is ``S * num_M_tiles``, and
-``ops._auto_uses_triton`` sends launches with too few programs to the torch path.
+Split over tokens: when that is too few to fill the GPU (B=1, T=8192, M=576: 5 programs),
+each program takes one chunk of ``CHUNK`` tokens of its segment and stores its float32
+``[BM, BR]`` block of ``u^T v`` instead; a second step sums the chunks' blocks in a fixed
+order, then squares (still bitwise reproducible). The energy is the square of a sum over
+tokens, so the blocks, not their energies, are what can be added.
 
-Importing this module applies ``@triton.jit``; with ``TRITON_INTERPRET=1`` in the
-environment at that moment the kernel runs through Triton's CPU interpreter, provided it was
-also set at the process's first ``import triton`` (which binds ``tl.zeros``, ``tl.sum``,
-...; see ``domlora_kernels.ops``).
+Importing this module applies ``@triton.jit``: for Triton's CPU interpreter when
+``TRITON_INTERPRET=1`` was in the environment then and at the process's first ``import
+triton`` (which binds ``tl.zeros``, ``tl.sum``, ...; see ``domlora_kernels.ops``).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_common import INTERPRETED, dot_acc, dot_in_f32, fits_int32_offsets, partials, segment_rows
+
+__all__ = ["projected_energy_kernel", "projected_energy_triton", "num_programs", "split_chunk", "INTERPRETED"]
+
 
 @triton.jit
 def projected_energy_kernel(
-    u_ptr,
-    v_ptr,
-    cu_ptr,
-    part_ptr,
-    T,
-    M,
-    R,
-    s_ub,
-    s_ut,
-    s_um,
-    s_vb,
-    s_vt,
-    s_vr,
+    u_ptr, v_ptr, cu_ptr, ids_ptr, out_ptr,
+    T, M, R, CHUNK,
+    s_ub, s_ut, s_um,
+    s_vb, s_vt, s_vr,
     IS_VARLEN: tl.constexpr,
+    HAS_IDS: tl.constexpr,
+    SPLIT: tl.constexpr,
     CAST_F32: tl.constexpr,
     BT: tl.constexpr,
     BM: tl.constexpr,
     BR: tl.constexpr,
 ):
-    """Partial energies of one (segment, M tile, R tile).
+    """One (segment, M tile x R tile, token chunk) program; grid ``(S, n_M * n_R, n_chunks)``.
 
     u_ptr: ``u``, ``[B, T, M]`` (strides ``s_ub, s_ut, s_um``) or packed ``[N, M]``
-        (``s_ub`` unused), float32 / bfloat16 / float16.
+        (``s_ub`` 0), float32 / bfloat16 / float16.
     v_ptr: ``v``, ``[B, T, R]`` or packed ``[N, R]`` (strides ``s_vb, s_vt, s_vr``).
-    cu_ptr: int32 ``[S + 1]`` segment offsets into the rows when ``IS_VARLEN``; else unused
-        and every segment is one batch row of length ``T``.
-    part_ptr: float32 ``[S, num_M_tiles * num_R_tiles]``, contiguous; this program writes
-        element ``[i_s, i_m * num_R_tiles + i_r]``.
-    CAST_F32: compute the dot in float32, "ieee" precision (TF32 would cost ~1e-3 relative
-        error): for float32 inputs, mixed dtypes, and bfloat16 under the interpreter, whose
-        ``tl.dot`` multiplies bfloat16 bit patterns (triton-lang/triton#11584).
+    cu_ptr, ids_ptr: int32 segment offsets ``[S + 1]`` and segment ids (see
+        :func:`triton_common.segment_rows`); unused for padded inputs.
+    out_ptr: float32. One pass (``SPLIT`` false, one chunk): ``[S, n_M * n_R]`` partial
+        energies, this program's at ``[i_s, i_mr]``. ``SPLIT``: ``[S, n_chunks, M, R]``
+        blocks of ``u^T v`` over tokens ``[i_c * CHUNK, (i_c + 1) * CHUNK)`` of the segment;
+        a chunk past the segment's end writes zeros.
+    CAST_F32: dot in float32 "ieee" (``triton_common.dot_in_f32``).
     """
-    i_s = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1).to(tl.int64)
-    i_r = tl.program_id(2).to(tl.int64)
-    n_r = tl.num_programs(2)
-
-    if IS_VARLEN:
-        bos = tl.load(cu_ptr + i_s).to(tl.int64)
-        eos = tl.load(cu_ptr + i_s + 1).to(tl.int64)
-        p_u0 = u_ptr
-        p_v0 = v_ptr
+    i_s = tl.program_id(0)
+    i_mr = tl.program_id(1)
+    i_c = tl.program_id(2)
+    n_r = tl.cdiv(R, BR)
+    i_m = i_mr // n_r
+    i_r = i_mr % n_r
+    bos, n_t = segment_rows(i_s, cu_ptr, ids_ptr, T, IS_VARLEN, HAS_IDS)
+    if SPLIT:
+        t0 = i_c * CHUNK
+        n_t = tl.minimum(n_t - t0, CHUNK)
     else:
-        bos = 0
-        eos = T
-        p_u0 = u_ptr + i_s * s_ub
-        p_v0 = v_ptr + i_s * s_vb
-
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_r = i_r * BR + tl.arange(0, BR)
-    m_m = o_m < M
-    m_r = o_r < R
+        t0 = 0
+    # int64 scalar bases, int32 offsets within a tile (checked by the launcher).
+    row0 = i_s.to(tl.int64) * s_ub + (bos + t0).to(tl.int64) * s_ut
+    p_u = u_ptr + row0 + (i_m * BM).to(tl.int64) * s_um
+    p_v = v_ptr + (i_s.to(tl.int64) * s_vb + (bos + t0).to(tl.int64) * s_vt) + (i_r * BR).to(tl.int64) * s_vr
+    o_t = tl.arange(0, BT)
+    m_m = tl.arange(0, BM) < M - i_m * BM
+    m_r = tl.arange(0, BR) < R - i_r * BR
+    o_u = tl.arange(0, BM)[:, None] * s_um + o_t[None, :] * s_ut  # u loaded transposed: [BM, BT]
+    o_v = o_t[:, None] * s_vt + tl.arange(0, BR)[None, :] * s_vr  # [BT, BR]
 
     b_g = tl.zeros([BM, BR], dtype=tl.float32)
-    for i_t in range(bos, eos, BT):
-        o_t = i_t + tl.arange(0, BT).to(tl.int64)
-        m_t = o_t < eos
-        # u loaded already transposed: [BM, BT]
-        p_u = p_u0 + o_m[:, None] * s_um + o_t[None, :] * s_ut
-        p_v = p_v0 + o_t[:, None] * s_vt + o_r[None, :] * s_vr
-        b_u = tl.load(p_u, mask=m_m[:, None] & m_t[None, :], other=0.0)
-        b_v = tl.load(p_v, mask=m_t[:, None] & m_r[None, :], other=0.0)
-        if CAST_F32:
-            # [BM, BT] @ [BT, BR] -> [BM, BR]
-            b_g += tl.dot(b_u.to(tl.float32), b_v.to(tl.float32), input_precision="ieee")
-        else:
-            # [BM, BT] @ [BT, BR] -> [BM, BR]
-            b_g += tl.dot(b_u, b_v)
+    for i_t in range(0, n_t, BT):
+        m_t = o_t < n_t - i_t
+        b_u = tl.load(p_u + o_u, mask=m_m[:, None] & m_t[None, :], other=0.0)
+        b_v = tl.load(p_v + o_v, mask=m_t[:, None] & m_r[None, :], other=0.0)
+        b_g = dot_acc(b_g, b_u, b_v, CAST_F32)  # [BM, BT] @ [BT, BR] -> [BM, BR]
+        p_u += BT * s_ut
+        p_v += BT * s_vt
 
-    b_e = tl.sum(tl.sum(b_g * b_g, axis=1), axis=0)
-    tl.store(part_ptr + i_s * (tl.num_programs(1) * n_r) + i_m * n_r + i_r, b_e)
-
-
-# True when TRITON_INTERPRET=1 was set as this module was imported (read by @triton.jit).
-INTERPRETED = not isinstance(projected_energy_kernel, triton.runtime.JITFunction)
+    if SPLIT:
+        blk = (i_s.to(tl.int64) * tl.num_programs(2) + i_c) * M * R + (i_m * BM).to(tl.int64) * R + i_r * BR
+        o_o = tl.arange(0, BM)[:, None] * R + tl.arange(0, BR)[None, :]
+        tl.store(out_ptr + blk + o_o, b_g, mask=m_m[:, None] & m_r[None, :])
+    else:
+        b_e = tl.sum(tl.sum(b_g * b_g, axis=1), axis=0)
+        tl.store(out_ptr + i_s.to(tl.int64) * tl.num_programs(1) + i_mr, b_e)
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _tiles(R: int) -> tuple[int, int, int]:
-    """(BT, BM, BR) for rank ``R``: a plain heuristic, no per-GPU cache.
+def _tiles(R: int, f32_dot: bool) -> tuple[int, int, int]:
+    """(BT, BM, BR) for ``R`` columns of ``v``: a plain heuristic, no per-GPU cache.
 
-    tl.dot needs every tile dim >= 16, so the rank pads to 16 at least; ranks above 128 go
-    to more programs along R (each re-reads its u tile) rather than a bigger accumulator.
-    The float32 accumulator is BM * BR: 128 x 32 or 64 x 64 (16 KiB), 64 x 128 (32 KiB).
+    ``tl.dot`` needs every tile dim >= 16, so ``R`` pads to 16 at least; above 64 the launch
+    takes more programs along R (each re-reads its u tile) rather than a bigger
+    accumulator. The float32 accumulator ``BM x BR`` is at most 2048 elements (16 registers
+    a thread at 4 warps), and a float32 dot takes 16-token steps instead of 32: every
+    variant then compiles to at most 128 registers on sm_80/90/100 without spills, i.e. 4
+    or more programs of 4 warps per SM (benchmarks/results/kernel_resources.txt; bigger
+    tiles measured 165-255 registers). The kernel is memory-bound at these tiles (the
+    roofline in benchmarks/kernel_resources.py), so a bigger tile buys no speed.
     """
-    br = min(max(_next_pow2(R), 16), 128)
-    bm = 128 if br <= 32 else 64
-    bt = 64 if br <= 64 else 32
-    return bt, bm, br
+    br = min(max(_next_pow2(R), 16), 64)
+    return (16 if f32_dot else 32), (64 if br <= 32 else 32), br
 
 
-def _partials(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    # DOMLORA_KERNELS_POISON=1 (tests) fills scratch with NaN so an unwritten element
-    # shows up in the result instead of hiding as whatever the allocator returned.
-    if os.environ.get("DOMLORA_KERNELS_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
-
-def _dot_in_f32(a: torch.dtype, b: torch.dtype) -> bool:
-    return a != b or a == torch.float32 or (INTERPRETED and a == torch.bfloat16)
+# The split launch gives each program at least this many tokens: a program reads
+# CHUNK * (BM + BR) inputs and writes BM * BR float32, so at 512 tokens of 16-bit inputs the
+# writes are 2 * BM * BR / (512 * (BM + BR)) <= 1/8 of the reads for every tile of _tiles.
+MIN_CHUNK_TOKENS = 512
 
 
 def num_programs(u_shape: tuple[int, ...], R: int, n_segments: int) -> int:
-    """Programs one launch uses; ``ops._auto_uses_triton`` compares it with a threshold."""
-    _, bm, br = _tiles(R)
+    """Programs of a one-pass launch; ``ops`` compares it with ``AUTO_MIN_PROGRAMS``."""
+    _, bm, br = _tiles(R, False)
     return n_segments * triton.cdiv(u_shape[-1], bm) * triton.cdiv(R, br)
 
 
-def projected_energy_triton(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher. Inputs already checked by ``ops.projected_energy`` (shapes, dtypes,
-    devices, ``cu_seqlens``). Any strides; nothing is copied. Returns float32 ``[S]``."""
-    M, R = u.shape[-1], v.shape[-1]
-    if cu_seqlens is None:
-        S, T = u.shape[0], u.shape[1]
-        s_ub, s_ut, s_um = u.stride()
-        s_vb, s_vt, s_vr = v.stride()
-        cu = u  # unused by the kernel; any pointer will do
-    else:
-        S, T = cu_seqlens.numel() - 1, 0
-        s_ub, (s_ut, s_um) = 0, u.stride()
-        s_vb, (s_vt, s_vr) = 0, v.stride()
-        cu = cu_seqlens
-    if S == 0 or M == 0 or R == 0:
-        return torch.zeros(S, dtype=torch.float32, device=u.device)
+def split_chunk(t_max: int, programs: int, min_programs: int) -> int | None:
+    """Tokens per program of the split launch, or ``None`` for one pass.
 
-    bt, bm, br = _tiles(R)
-    grid = (S, triton.cdiv(M, bm), triton.cdiv(R, br))
-    part = _partials((S, grid[1] * grid[2]), u.device)
+    ``t_max``: the longest segment; ``programs``: the one-pass launch's (:func:`num_programs`).
+    Splits only when one pass has fewer than ``min_programs`` programs, into as many chunks
+    as reach ``min_programs`` with at least :data:`MIN_CHUNK_TOKENS` tokens each.
+    """
+    if programs >= min_programs or programs == 0:
+        return None
+    n_c = min(triton.cdiv(min_programs, programs), t_max // MIN_CHUNK_TOKENS)
+    if n_c < 2:
+        return None
+    return triton.cdiv(triton.cdiv(t_max, n_c), 32) * 32  # whole BT steps for every tile
+
+
+def _addressable(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # A view whose tile offsets would pass int32 is copied (a stride above ~16 M elements).
+    return t if fits_int32_offsets(t, rows, cols) else t.contiguous()
+
+
+def launch(u, v, cu, ids, n_launch: int, T: int, t_max: int, chunk: int | None) -> torch.Tensor:
+    """One launch over ``n_launch`` segments; their float32 energies ``[n_launch]``.
+
+    ``cu``: int32 offsets (varlen) or ``None`` (padded, ``T`` tokens a row); ``ids``: int32
+    segment ids of a subset launch, or ``None``; ``t_max``: the longest segment;
+    ``chunk``: tokens per program to split over tokens, or ``None`` for one pass.
+    """
+    M, R = u.shape[-1], v.shape[-1]
+    f32_dot = dot_in_f32(u.dtype, v.dtype)
+    bt, bm, br = _tiles(R, f32_dot)
+    u, v = _addressable(u, bt, bm), _addressable(v, bt, br)
+    n_c = triton.cdiv(t_max, chunk) if chunk else 1
+    grid = (n_launch, triton.cdiv(M, bm) * triton.cdiv(R, br), n_c)
+    out = partials((n_launch, n_c, M, R) if chunk else (n_launch, grid[1]), u.device)
+    strides = (*u.stride(), *v.stride()) if cu is None else (0, *u.stride(), 0, *v.stride())
     projected_energy_kernel[grid](
-        u, v, cu, part,
-        T, M, R,
-        s_ub, s_ut, s_um,
-        s_vb, s_vt, s_vr,
-        IS_VARLEN=cu_seqlens is not None,
-        CAST_F32=_dot_in_f32(u.dtype, v.dtype),
+        u, v, u if cu is None else cu, u if ids is None else ids, out,
+        T, M, R, chunk or 0,
+        *strides,
+        IS_VARLEN=cu is not None,
+        HAS_IDS=ids is not None,
+        SPLIT=chunk is not None,
+        CAST_F32=f32_dot,
         BT=bt, BM=bm, BR=br,
         num_warps=4,
     )
-    return part.sum(dim=1)
+    if chunk:
+        # Chunks summed in index order by one reduction (deterministic: no atomics), then squared.
+        return out.sum(dim=1).square().sum(dim=(1, 2))
+    return out.sum(dim=1)
+
+
+def projected_energy_triton(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, t_max: int | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Launcher. Inputs already checked by ``ops.projected_energy`` (shapes, dtypes,
+    devices, ``cu_seqlens`` int32 on the inputs' device). Any strides; nothing is copied
+    unless a stride passes int32 tile offsets. Returns float32 ``[S]``.
+
+    ``t_max``: the longest segment, or any bound above it (default: ``T`` padded, the number
+    of rows packed); sets the number of chunks. ``chunk``: ``None`` for one pass, else split
+    each segment's tokens into chunks of this many (``ops`` picks it with :func:`split_chunk`).
+    """
+    M, R = u.shape[-1], v.shape[-1]
+    S = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    T = u.shape[1] if cu_seqlens is None else 0
+    t_max = u.shape[-2] if t_max is None else t_max
+    if S == 0 or M == 0 or R == 0 or t_max == 0:
+        return torch.zeros(S, dtype=torch.float32, device=u.device)
+    return launch(u, v, cu_seqlens, None, S, T, t_max, chunk)
+
+
+# (a, b) input dtypes the launchers pass: each kernel dtype alone, and the probe's mix of a
+# 16-bit output gradient with a float32 projection.
+DTYPE_PAIRS = (("f32", "f32"), ("bf16", "bf16"), ("f16", "f16"), ("bf16", "f32"))
+
+# (IS_VARLEN, HAS_IDS, SPLIT) of the launches: padded and packed one pass, padded and packed
+# split over tokens, and the packed direct form of weight_grad_energy (segment ids).
+_MODES = {
+    "padded": (False, False, False),
+    "varlen": (True, False, False),
+    "split padded": (False, False, True),
+    "split varlen": (True, False, True),
+    "varlen ids": (True, True, False),
+}
+
+
+def compile_variants():
+    """Every launch configuration of :func:`launch`, for ``compile_check``: each tile set
+    :func:`_tiles` returns, each dtype pairing, each mode."""
+    from .compile_check import Variant
+
+    out = []
+    for a, b in DTYPE_PAIRS:
+        cast = a != b or a == "f32"
+        for bt, bm, br in dict.fromkeys(_tiles(r, cast) for r in range(1, 513)):
+            for mode, (varlen, ids, split) in _MODES.items():
+                cx = (("IS_VARLEN", varlen), ("HAS_IDS", ids), ("SPLIT", split),
+                      ("CAST_F32", cast), ("BT", bt), ("BM", bm), ("BR", br))
+                label = f"projected BM{bm} BR{br} BT{bt} {mode}"
+                out.append(Variant("projected_energy_triton:projected_energy_kernel", label, (a, b), cx, ("s_um", "s_vr"), 4))
+    return out
