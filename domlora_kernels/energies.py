@@ -57,12 +57,13 @@ class Kept:
     proj: torch.Tensor | None
     x: torch.Tensor | None
 
-    def as_one_sample(self) -> "Kept":
-        """The same rows seen as one sample ``[1, rows * T, *]`` (every row is sample 0's)."""
-        def one(t):
-            return None if t is None else t.reshape(1, -1, t.shape[-1])
+    def regroup(self, batch: int) -> "Kept":
+        """The same rows as ``batch`` samples of consecutive rows, ``[batch, -1, *]``: a module
+        on a flat view ``[B*T, n]`` of a ``[B, T, n]`` activation, or any rows of one sample."""
+        def group(t):
+            return None if t is None else t.reshape(batch, -1, t.shape[-1])
 
-        return Kept(one(self.proj), one(self.x))
+        return Kept(group(self.proj), group(self.x))
 
 
 def project(x3: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
