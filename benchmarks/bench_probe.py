@@ -3,6 +3,7 @@
     python benchmarks/bench_probe.py --workload headline      # the headline table (7 rounds, EVA and KappaTune 3)
     python benchmarks/bench_probe.py --workload all           # headline + every sweep + plots
     python benchmarks/bench_probe.py --workload tokens        # one sweep: tokens|batch|rank|width
+    python benchmarks/bench_probe.py --workload moe           # a Mixtral-shaped mixture of experts
     python benchmarks/bench_probe.py --plot-only              # plots from the saved JSON
 
 Providers (benchmarks/providers.py), all on the same model and the same token ids:
@@ -83,6 +84,11 @@ WIDTHS = [
     ("llama3.2-1B-shape", llama(2048, 8192, 16, 32, 8)),
 ]
 
+# A Mixtral-shaped mixture of experts (8 experts, top 2, intermediate 3.5x hidden as in
+# Mixtral-8x7B), small enough to time on 2 CPU cores.
+MIXTRAL_SHAPE = {"model": "mixtral", "hidden": 512, "intermediate": 1792, "layers": 4, "heads": 8, "kv_heads": 2,
+                 "experts": 8, "top_k": 2, "vocab": 32000}
+
 # The peers that decide placement some other way (providers.py: ``decision``): they compute a
 # rank allocation or a module selection, not PAGE's energies, so only their cost compares.
 DECISION_PROVIDERS = ["eva", "kappatune"]
@@ -115,6 +121,7 @@ def workloads() -> dict[str, list[dict]]:
         # rank changes only the probe (and the naive projections): floor as the reference
         "rank": [pt(f"r={r}", SMOLLM2, 8, 128, r, ["probe", "floor", "autograd"], memory=False) for r in (1, 8, 64, 256)],
         "width": [pt(label, spec, 1, 128, 8, SWEEP_PROVIDERS + DECISION_PROVIDERS) for label, spec in WIDTHS],
+        "moe": [pt("mixtral-shape B=4 T=128 r=8", MIXTRAL_SHAPE, 4, 128, 8)],
     }
 
 
@@ -173,6 +180,16 @@ def build_model(spec: dict) -> torch.nn.Module:
         from domlora_kernels.models import load_model
 
         model, _ = load_model()
+    elif spec["model"] == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(
+            hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
+            num_local_experts=spec["experts"], num_experts_per_tok=spec["top_k"], tie_word_embeddings=True,
+        )
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(cfg)
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -199,7 +216,7 @@ def make_ids(model: torch.nn.Module, batch: int, tokens: int) -> torch.Tensor:
 def candidate_params(model) -> int:
     from domlora_kernels.candidates import find_candidates
 
-    return sum(c.module.weight.numel() for c in find_candidates(model))
+    return sum(c.weight.numel() for c in find_candidates(model))
 
 
 def mem_available() -> int | None:
@@ -668,7 +685,7 @@ def main(argv=None) -> int:
             print(f"wrote {p.relative_to(ROOT)}")
         return 0
     t0 = time.perf_counter()
-    names = ["tokens", "batch", "rank", "width", "headline"] if args.workload == "all" else args.workload.split(",")
+    names = ["tokens", "batch", "rank", "width", "moe", "headline"] if args.workload == "all" else args.workload.split(",")
     bad = [n for n in names if n not in workloads()]
     if bad:
         ap.error(f"unknown workload {', '.join(bad)}; choose from {', '.join(workloads())}, or all")

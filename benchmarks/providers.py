@@ -65,8 +65,12 @@ class Provider(abc.ABC):
         self.model, self.ids, self.rank = model, ids, rank
         self.cands = find_candidates(model)
         # The probe's own A matrices, drawn once outside the timed region: every naive
-        # provider projects its gradients on exactly the A the probe uses.
-        self.A = {c.name: draw_lora_A(c.name, rank, c.in_features, 0).to(ids.device) for c in self.cands}
+        # provider projects its gradients on exactly the A the probe uses. An expert weight's
+        # is peft's [r*E, n], viewed [E, r, n].
+        self.A = {}
+        for c in self.cands:
+            a = draw_lora_A(c.name, rank * c.num_experts, c.in_features, 0).to(ids.device)
+            self.A[c.name] = a if c.parameter is None else a.view(c.num_experts, rank, c.in_features)
 
     def prepare(self) -> None:
         pass
@@ -85,8 +89,16 @@ class Provider(abc.ABC):
     # shared helpers
     def _weights_require_grad(self, flag: bool) -> None:
         for c in self.cands:
-            c.module.weight.requires_grad_(flag)
-            c.module.weight.grad = None
+            c.weight.requires_grad_(flag)
+            c.weight.grad = None
+
+    def _projected(self, c, g: torch.Tensor) -> torch.Tensor:
+        """``||G A^T||^2`` of the gradient ``g`` of candidate ``c``'s weight; for an expert
+        weight the sum over its experts of ``||G_e A_e^T||^2``."""
+        if c.parameter is None:
+            return (g @ self.A[c.name].T).square().sum()
+        g = g.transpose(1, 2) if c.module.is_transposed else g  # [E, out, in]
+        return (g @ self.A[c.name].transpose(1, 2)).square().sum()
 
 
 class Probe(Provider):
@@ -145,11 +157,11 @@ class Autograd(Provider):
 
     def run(self) -> Energies:
         for c in self.cands:
-            c.module.weight.grad = None
+            c.weight.grad = None
         with torch.enable_grad():
             _losses(self.model, self.ids).sum().backward()
         with torch.no_grad():
-            return {c.name: (c.module.weight.grad @ self.A[c.name].T).square().sum().double().reshape(1) for c in self.cands}
+            return {c.name: self._projected(c, c.weight.grad).double().reshape(1) for c in self.cands}
 
     def teardown(self) -> None:
         self._weights_require_grad(False)
@@ -166,12 +178,12 @@ class AutogradPerSample(Autograd):
         out = {c.name: torch.zeros(self.ids.shape[0], dtype=torch.float64) for c in self.cands}
         for b in range(self.ids.shape[0]):
             for c in self.cands:
-                c.module.weight.grad = None
+                c.weight.grad = None
             with torch.enable_grad():
                 _losses(self.model, self.ids[b:b + 1]).sum().backward()
             with torch.no_grad():
                 for c in self.cands:
-                    out[c.name][b] = float((c.module.weight.grad @ self.A[c.name].T).square().sum())
+                    out[c.name][b] = float(self._projected(c, c.weight.grad))
         return out
 
 

@@ -22,6 +22,9 @@ The rule (used by :func:`~domlora_kernels.placement.domlora_config` with ``budge
 
 DoRA adds a magnitude vector of ``m`` parameters per adapted module: it is counted in the
 budget (with the module's first rank unit) but not in the order.
+
+An expert weight of ``E`` experts takes one rank unit per expert: peft's ``target_parameters``
+adapter of rank ``k`` on it has ``k E (n + m)`` parameters (:func:`rank_unit`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .scores import PageScores
+from .scores import ModuleInfo, PageScores
 
 _PERCENT = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*")
 
@@ -55,9 +58,15 @@ class BudgetPlan:
     covered: float
 
 
+def rank_unit(info: ModuleInfo) -> int:
+    """Parameters of one rank of an adapter on the module: ``n + m``, ``E (n + m)`` for an expert weight."""
+    return info.num_experts * (info.in_features + info.out_features)
+
+
 def vanilla_lora_params(scores: PageScores, r: int) -> int:
-    """``sum r (n + m)`` over every probed module: vanilla LoRA on all of them at rank ``r``."""
-    return sum(r * (i.in_features + i.out_features) for i in scores.modules.values())
+    """``sum r (n + m)`` over every probed module (``r E (n + m)`` for an expert weight):
+    vanilla LoRA on all of them at rank ``r``."""
+    return sum(r * rank_unit(i) for i in scores.modules.values())
 
 
 def budget_params(budget: Any, vanilla: int) -> int:
@@ -86,10 +95,9 @@ def budget_params(budget: Any, vanilla: int) -> int:
 
 
 def density_order(scores: PageScores, candidates: list[str]) -> list[str]:
-    """``candidates`` with positive PAGE, by PAGE per parameter ``PAGE / (n + m)``, densest first (ties keep model order)."""
+    """``candidates`` with positive PAGE, by PAGE per parameter ``PAGE / rank_unit``, densest first (ties keep model order)."""
     def density(name: str) -> float:
-        info = scores.modules[name]
-        return scores.scores[name] / (info.in_features + info.out_features)
+        return scores.scores[name] / rank_unit(scores.modules[name])
 
     return sorted((n for n in candidates if scores.scores[n] > 0), key=lambda n: -density(n))
 
@@ -118,7 +126,7 @@ def plan_budget(scores: PageScores, candidates: list[str], r: int, budget: int |
     for name in density_order(scores, candidates):
         info = scores.modules[name]
         for k in range(1, r + 1):
-            unit = info.in_features + info.out_features + (info.out_features if dora and k == 1 else 0)
+            unit = rank_unit(info) + (info.out_features if dora and k == 1 else 0)
             reached = top_p is not None and carried >= top_p * mass * (1 - 1e-12)  # 1e-12: float sums at top_p=1
             if reached or (budget is not None and params + unit > budget):
                 return BudgetPlan(ranks, params, budget, top_p, carried / mass)

@@ -1,10 +1,17 @@
 """Which modules of a model are PAGE candidates, and what their names say.
 
-Candidates are the modules a LoRA adapter can sit on: ``nn.Linear`` and transformers'
+Candidates are the weights a LoRA adapter can sit on: ``nn.Linear`` and transformers'
 ``Conv1D`` (GPT-2 family, weight stored ``[in, out]``), minus the output embedding, which
-is peft's meaning of ``target_modules="all-linear"``. Selection by name follows peft too:
-a list matches a full name exactly or as a dotted suffix; a string other than
-"all-linear" is a regular expression that must match the whole name.
+is peft's meaning of ``target_modules="all-linear"``; and the 3D expert weights of
+transformers' mixture-of-experts blocks (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``),
+which peft adapts through ``LoraConfig(target_parameters=[...])`` (:mod:`domlora_kernels.experts`).
+An expert weight's name is its parameter's full name. Routers are no candidates (they are
+no ``nn.Linear``; peft leaves them out too). Selection by name follows peft: a list matches
+a full name exactly or as a dotted suffix; a string other than "all-linear" is a regular
+expression that must match the whole name.
+
+Weights of 3 or more dimensions in a layout the probe does not know are never skipped
+silently: selecting them (``all-linear`` does, unless excluded) raises an error naming them.
 """
 
 from __future__ import annotations
@@ -16,24 +23,36 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .experts import find_expert_weights, unknown_weights
+
 _LAYER_RE = re.compile(r"\.(\d+)(?:\.|$)")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One module the probe measures."""
+    """One module (or one expert weight) the probe measures."""
 
-    name: str  # full dotted name in the model
-    module: nn.Module
-    in_features: int  # n
-    out_features: int  # m
+    name: str  # full dotted name in the model (of the parameter, for an expert weight)
+    module: nn.Module  # the module, or the experts module owning the expert weight
+    in_features: int  # n (of each expert)
+    out_features: int  # m (of each expert)
+    parameter: str | None = None  # expert weights: the 3D parameter of `module` (gate_up_proj, down_proj)
+    num_experts: int = 1
 
     @property
     def layer(self) -> int | None:
         return layer_index(self.name)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The adapted weight: the module's ``weight``, or the expert parameter (``[E, ., .]``)."""
+        return getattr(self.module, self.parameter or "weight")
+
+    @property
     def type(self) -> str:
+        """``down_proj``; ``experts.down_proj`` for an expert weight (apart from a shared expert's)."""
+        if self.parameter is not None:
+            return ".".join(self.name.rsplit(".", 2)[-2:])
         return module_type(self.name)
 
 
@@ -80,15 +99,22 @@ def find_candidates(
     target_modules: str | Iterable[str] = "all-linear",
     exclude_modules: str | Iterable[str] | None = None,
 ) -> list[Candidate]:
-    """The candidate modules of ``model`` in definition order.
+    """The candidates of ``model`` (linear modules and expert weights) in definition order.
 
     Args:
-        target_modules: ``"all-linear"``, a list of full names or dotted suffixes
-            (``["q_proj", "v_proj"]``), or a regex matched against whole names.
+        target_modules: ``"all-linear"`` (every linear module but the output embedding, and
+            every expert weight), a list of full names or dotted suffixes (``["q_proj",
+            "experts.down_proj"]``), or a regex matched against whole names.
         exclude_modules: the same forms, removed from the selection.
 
     Raises:
-        ValueError: when nothing matches; the message lists the linear modules available.
+        ValueError: when nothing matches (the message lists the candidates available), or when
+            the selection takes in a weight of 3 or more dimensions whose layout is unknown
+            (the message names them and the ``exclude_modules`` that leaves them out).
+
+    Example:
+        >>> [c.name for c in find_candidates(mixtral, ["experts.down_proj"])]  # doctest: +SKIP
+        ['model.layers.0.mlp.experts.down_proj', 'model.layers.1.mlp.experts.down_proj']
     """
     if isinstance(target_modules, str) and not target_modules:
         raise ValueError('target_modules is empty; use "all-linear", a list of names, or a regex')
@@ -99,22 +125,14 @@ def find_candidates(
     if exclude_modules is not None and not isinstance(exclude_modules, str):
         exclude_modules = list(exclude_modules)
 
-    out_emb = _output_embedding(model)
-    linear: list[Candidate] = []
-    for name, mod in model.named_modules():
-        shape = _linear_shape(mod)
-        if shape is None or not name:
-            continue
-        if mod is out_emb:
-            continue
-        linear.append(Candidate(name, mod, *shape))
-
+    linear = _all_candidates(model)
     if target_modules == "all-linear":
         chosen = list(linear)
     else:
         chosen = [c for c in linear if _matches(c.name, target_modules)]
     if exclude_modules is not None:
         chosen = [c for c in chosen if not _matches(c.name, exclude_modules)]
+    _refuse_unknown_layouts(model, target_modules, exclude_modules)
     if not chosen:
         types = sorted({c.type for c in linear})
         raise ValueError(
@@ -123,3 +141,36 @@ def find_candidates(
             + (f" (e.g. {linear[0].name})" if linear else "")
         )
     return chosen
+
+
+def _all_candidates(model: nn.Module) -> list[Candidate]:
+    """Every linear module and expert weight, in model order."""
+    out_emb = _output_embedding(model)
+    experts: dict[int, list[Candidate]] = {}
+    for w in find_expert_weights(model):
+        experts.setdefault(id(w.module), []).append(
+            Candidate(w.name, w.module, w.in_features, w.out_features, w.parameter, w.num_experts))
+    found: list[Candidate] = []
+    for name, mod in model.named_modules():
+        found.extend(experts.get(id(mod), []))
+        shape = _linear_shape(mod)
+        if shape is None or not name or mod is out_emb:
+            continue
+        found.append(Candidate(name, mod, *shape))
+    return found
+
+
+def _refuse_unknown_layouts(model: nn.Module, target_modules, exclude_modules) -> None:
+    unknown = unknown_weights(model)
+    named = [n for n in unknown if (target_modules == "all-linear" or _matches(n, target_modules))
+             and not (exclude_modules is not None and _matches(n, exclude_modules))]
+    if not named:
+        return
+    listed = ", ".join(f"{n} {list(unknown[n])}" for n in named[:6]) + (", ..." if len(named) > 6 else "")
+    suffixes = sorted({".".join(n.rsplit(".", 2)[-2:]) for n in named})
+    raise ValueError(
+        f"{len(named)} weight(s) of 3 or more dimensions are in a layout the probe does not know, so it cannot "
+        f"measure them: {listed}. They are usually mixture-of-experts weights outside transformers' experts "
+        f"modules (remote code, fused or expert-parallel blocks). To probe the rest of the model, exclude "
+        f"them: exclude_modules={suffixes!r}"
+    )

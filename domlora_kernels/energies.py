@@ -57,28 +57,26 @@ class Kept:
     proj: torch.Tensor | None
     x: torch.Tensor | None
 
-    def as_one_sample(self) -> "Kept":
-        """The same rows seen as one sample ``[1, rows * T, *]`` (every row is sample 0's)."""
-        def one(t):
-            return None if t is None else t.reshape(1, -1, t.shape[-1])
+    def regroup(self, batch: int) -> "Kept":
+        """The same rows as ``batch`` samples of consecutive rows, ``[batch, -1, *]``: a module
+        on a flat view ``[B*T, n]`` of a ``[B, T, n]`` activation, or any rows of one sample."""
+        def group(t):
+            return None if t is None else t.reshape(batch, -1, t.shape[-1])
 
-        return Kept(one(self.proj), one(self.x))
-
-
-def keep(x3: torch.Tensor, projection: str, a_all: torch.Tensor | None) -> Kept:
-    """What the backward of projection ``projection`` needs from the input ``x3`` ``[B, T, n]``.
-
-    ``a_all``: every seed's ``A`` stacked, ``[k*r, n]`` in ``x3``'s dtype (projections "A", "AB").
-    """
-    proj = None
-    if projection in ("A", "AB"):
-        with torch.no_grad(), ieee_fp32():
-            proj = x3 @ a_all.T  # [B, T, n] @ [n, k*r] -> [B, T, k*r]: every seed in one matmul
-    return Kept(proj, x3 if projection != "A" else None)
+        return Kept(group(self.proj), group(self.x))
 
 
-def _seed_slices(t: torch.Tensor, k: int, rank: int) -> list[torch.Tensor]:
-    return [t[..., j * rank:(j + 1) * rank] for j in range(k)]
+def project(x3: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``P = X A^T``: ``x3`` ``[B, T, n]`` @ ``a`` ``[c, n]`` -> ``[B, T, c]``, no graph, full fp32
+    precision. ``a`` may stack every seed's ``A`` (and several modules' ``A``s): one matmul."""
+    with torch.no_grad(), ieee_fp32():
+        return x3 @ a.T
+
+
+def keep(x3: torch.Tensor, projection: str, proj: torch.Tensor | None) -> Kept:
+    """What the backward of projection ``projection`` needs from the input ``x3`` ``[B, T, n]``,
+    given ``proj``, its :func:`project` onto every seed's ``A`` (projections "A", "AB")."""
+    return Kept(proj if projection in ("A", "AB") else None, x3 if projection != "A" else None)
 
 
 def sample_energies(kept: Kept, d3: torch.Tensor, projection: str, b_cat: torch.Tensor | None,
@@ -91,13 +89,11 @@ def sample_energies(kept: Kept, d3: torch.Tensor, projection: str, b_cat: torch.
     """
     e = torch.zeros(k, d3.shape[0], dtype=torch.float64, device=d3.device)
     with ieee_fp32():
-        if kept.proj is not None:
-            for j, p in enumerate(_seed_slices(kept.proj, k, rank)):
-                e[j] += ops.projected_energy(d3, p, backend=backend)
+        if kept.proj is not None:  # every seed's P at once: D read once ([k, B])
+            e += ops.projected_energy(d3, kept.proj, backend=backend, groups=k).view(k, -1)
         if projection in ("B", "AB"):
             v = d3 @ b_cat  # [B, T, m] @ [m, k*r] -> [B, T, k*r]: D read once for every seed
-            for j, vj in enumerate(_seed_slices(v, k, rank)):
-                e[j] += ops.projected_energy(kept.x, vj, backend=backend)
+            e += ops.projected_energy(kept.x, v, backend=backend, groups=k).view(k, -1)
         if projection == "expected":
             n = kept.x.shape[-1]
             e += ops.weight_grad_energy(d3, kept.x, backend=backend).to(torch.float64) * (rank / (3.0 * n))

@@ -11,6 +11,7 @@ Projection "B" needs a nonzero ``B: [m, r]``; it is drawn the same way on its ow
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -30,14 +31,21 @@ def _kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tens
     return torch.empty(shape, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
 
 
+@functools.lru_cache(maxsize=16384)
+def _draw(name: str, what: str, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    # cached across calls (a probe repeated on the same model draws nothing again); never
+    # handed out: the public functions return copies, so no caller can change the cache
+    return _kaiming_uniform(shape, _generator(seed, name, what))
+
+
 def draw_lora_A(name: str, rank: int, in_features: int, seed: int = 0) -> torch.Tensor:
     """The probe's ``A: [rank, in_features]`` for module ``name`` (float32, CPU)."""
-    return _kaiming_uniform((rank, in_features), _generator(seed, name, "A"))
+    return _draw(name, "A", (int(rank), int(in_features)), int(seed)).clone()
 
 
 def draw_lora_B(name: str, rank: int, out_features: int, seed: int = 0) -> torch.Tensor:
     """The probe's nonzero ``B: [out_features, rank]`` for projection "B" (float32, CPU)."""
-    return _kaiming_uniform((out_features, rank), _generator(seed, name, "B"))
+    return _draw(name, "B", (int(out_features), int(rank)), int(seed)).clone()
 
 
 def lora_scaling(rank: int, lora_alpha: float | None, use_rslora: bool = False) -> float:

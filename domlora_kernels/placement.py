@@ -16,10 +16,17 @@ whole name (``re.fullmatch``), so the config carries one alternation of the esca
 nothing but those modules can match. ``rank_pattern`` keys are regexes too, matched by peft as
 ``(.*\\.)?(key)$``; a leading ``^`` there keeps the optional prefix empty, so each key selects
 exactly its own module as well.
+
+Expert weights. The 3D expert parameters of a mixture-of-experts block (``...mlp.experts.down_proj``,
+:mod:`~domlora_kernels.experts`) are no modules: peft adapts them through
+``LoraConfig(target_parameters=[full names])``, which it matches exactly, with plain LoRA or rsLoRA
+(its ``ParamWrapper`` takes no DoRA, and AdaLoRA has no such path). Their ``lora_A`` is
+``[r * E, n]``, which the probe's A of the weight is drawn as.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import inspect
 import math
@@ -30,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, vanilla_lora_params
+from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, rank_unit, vanilla_lora_params
 from .candidates import find_candidates
 from .lora_init import draw_lora_A, lora_scaling
 from .scores import PageScores
@@ -221,6 +228,7 @@ class _Plan:
     budget: int | None = None
     top_p: float | None = None
     alphas: dict[str, float] = field(default_factory=dict)
+    expert_weights: frozenset[str] = frozenset()  # targets peft adapts through target_parameters
 
 
 def _settings_from_config(config: Any, r, lora_alpha, variant, peft_kwargs) -> tuple[int, float, str, bool]:
@@ -295,7 +303,7 @@ def _budget_plan(plan: _Plan, scores: PageScores, candidates: list[str], rank_pa
         if not order:
             raise ValueError("every candidate module has zero PAGE: there is nothing to plan a budget by")
         info = scores.modules[order[0]]
-        need = info.in_features + info.out_features * (2 if plan.variant == "dora" else 1)
+        need = rank_unit(info) + (info.out_features if plan.variant == "dora" else 0)
         raise ValueError(f"a budget of {params:,} parameters buys no adapter: rank 1 of the densest module, "
                          f"{order[0]}, needs {need:,}; raise the budget")
     plan.targets = _by_page(scores, bp.ranks)
@@ -325,6 +333,14 @@ def _plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, co
     else:
         plan.targets = _top(scores, candidates, 1 if top_k is None else top_k)
         plan.ranks = _resolve_ranks(scores, plan.targets, r, rank_pattern)
+    plan.expert_weights = frozenset(n for n in plan.targets if scores.modules[n].expert_weight)
+    if plan.expert_weights and variant in ("dora", "adalora"):
+        names = sorted(plan.expert_weights)
+        raise ValueError(
+            f"variant {variant!r} cannot adapt the expert weights {names}: peft adapts them through target_parameters, "
+            f"with plain LoRA or rsLoRA only. Use variant 'lora' or 'rslora', or leave them out (probe with "
+            f"exclude_modules={names!r})"
+        )
     # a budget plan counts every module at its planned rank: a pattern of the user's would change the count
     patterns = config is not None and (config.rank_pattern or config.alpha_pattern)
     if patterns and (plan.rule != "top-k" or any(k != r for k in plan.ranks.values())):
@@ -337,12 +353,14 @@ def _peft_config(plan: _Plan):
     """The peft config of a plan: the user's config (copied) or a new one, targeting exactly ``plan.targets``."""
     import peft
 
-    target = exact_names_regex(plan.targets)
+    modules = [n for n in plan.targets if n not in plan.expert_weights]
+    target = exact_names_regex(modules) if modules else []  # [] matches no module (None would mean peft's defaults)
+    params = [n for n in plan.targets if n in plan.expert_weights] or None
     ranks = {"^" + re.escape(n): k for n, k in plan.ranks.items() if k != plan.r}
     alphas = {"^" + re.escape(n): a for n, a in plan.alphas.items()}
     if plan.config is not None:
         cfg = copy.deepcopy(plan.config)
-        cfg.target_modules = target
+        cfg.target_modules, cfg.target_parameters = target, params
         if ranks or alphas:
             cfg.rank_pattern, cfg.alpha_pattern = ranks, alphas
         return cfg
@@ -354,8 +372,8 @@ def _peft_config(plan: _Plan):
     if alphas:
         kwargs["alpha_pattern"] = alphas
     return peft.LoraConfig(
-        target_modules=target, r=plan.r, lora_alpha=plan.lora_alpha, use_dora=plan.variant == "dora",
-        use_rslora=plan.variant == "rslora", rank_pattern=ranks, **kwargs,
+        target_modules=target, target_parameters=params, r=plan.r, lora_alpha=plan.lora_alpha,
+        use_dora=plan.variant == "dora", use_rslora=plan.variant == "rslora", rank_pattern=ranks, **kwargs,
     )
 
 
@@ -443,7 +461,8 @@ def _adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]
     for name, mod in model.named_modules():
         lora_a = getattr(mod, "lora_A", None)
         if isinstance(lora_a, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in lora_a:
-            out[name] = mod
+            param = getattr(mod, "parameter_name", None)  # peft's ParamWrapper: nested per expert weight
+            out[name if param is None else f"{name.replace('.base_layer', '')}.{param}"] = mod
     return out
 
 
@@ -473,14 +492,27 @@ def _check_model(model: Any, scores: PageScores, targets: list[str]) -> None:
             )
 
 
-def _get_peft_model(model: nn.Module, cfg: Any, adapter_name: str):
+def _get_peft_model(model: nn.Module, cfg: Any, adapter_name: str, expert_weights: frozenset[str]):
     import peft
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pm = peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+    expert_keys = {"^" + re.escape(n) for n in expert_weights}
+    for w in seen:
+        text = str(w.message)
         # peft 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5
         # deprecated for is_activation_checkpointing: the FutureWarning is peft's call, not ours or the user's
-        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+        if "`is_gradient_checkpointing` is deprecated" in text:
+            continue
+        # peft applies rank_pattern / alpha_pattern keys to target_parameters but checks them against
+        # modules only, so it calls those of expert weights unmatched; _init_lora_A checks the ranks
+        unmatched = re.fullmatch(r"The following (?:rank|alpha)_pattern keys did not match any targeted module "
+                                 r"and were ignored: (\[.*\])\.", text)
+        if unmatched and set(ast.literal_eval(unmatched.group(1))) <= expert_keys:
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return pm
 
 
 def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: _Plan, adapter_name: str):
@@ -498,15 +530,19 @@ def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: _Plan, 
             ranks[name] = int(layer.lora_A[adapter_name].shape[0])
             kept[name] = "AdaLoRA starts with lora_E = 0: the probe's A does not set its first gradient"
             continue
-        weight = layer.lora_A[adapter_name].weight  # [rank, n]
+        weight = layer.lora_A[adapter_name].weight  # [rank, n]; [rank * E, n] on an expert weight
+        experts = scores.modules[name].num_experts
+        if weight.shape[0] != plan.ranks[name] * experts:
+            raise RuntimeError(f"peft gave {name} rank {weight.shape[0] // experts} instead of the planned "
+                               f"{plan.ranks[name]}; please report this")
         if plan.init_lora_weights is not True:
             kept[name] = f"init_lora_weights={plan.init_lora_weights!r} sets lora_A"
         elif projection not in ("A", "AB"):
             kept[name] = f"projection {projection!r} draws no A"
-        elif weight.shape[0] != scores.rank:
-            kept[name] = f"adapter rank {weight.shape[0]} differs from the probe's rank {scores.rank}"
+        elif weight.shape[0] != scores.rank * experts:
+            kept[name] = f"adapter rank {weight.shape[0] // experts} differs from the probe's rank {scores.rank}"
         else:
-            a = draw_lora_A(name, scores.rank, scores.modules[name].in_features, scores.seeds[0])
+            a = draw_lora_A(name, scores.rank * experts, scores.modules[name].in_features, scores.seeds[0])
             with torch.no_grad():
                 weight.copy_(a.to(device=weight.device, dtype=weight.dtype))
             copied.append(name)
@@ -553,7 +589,7 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
     """
     plan = _plan_as_config(scores, args, kwargs)
     _check_model(model, scores, plan.targets)
-    pm = _get_peft_model(model, _peft_config(plan), adapter_name)
+    pm = _get_peft_model(model, _peft_config(plan), adapter_name, plan.expert_weights)
     layers = _adapted_layers(pm.get_base_model(), adapter_name)
     if sorted(layers) != sorted(plan.targets):
         raise RuntimeError(f"peft adapted {sorted(layers)} instead of exactly {sorted(plan.targets)}; please report this")

@@ -10,8 +10,15 @@ also takes ``anchor``, a scalar leaf that requires grad: the outputs of the taps
 the graph, and backward stops at the first tapped modules instead of running to the
 embeddings. The losses of the rows are summed, not averaged, so row ``b`` receives exactly
 ``d loss_b / d Y_b``: the per-sample gradients come out of one ordinary backward pass.
-A module's input rows must be the batch's samples; one that runs on a flattened activation
-(``[B*T, n]``, a MoE router) is refused unless the batch has one sample.
+A module's input rows must be the batch's samples, or its tokens flattened: a flat view
+``[B*T, n]`` of a ``[B, T, n]`` activation, or rows as many as such a view of the same pass
+(computed row-wise from it: the down projection of a MoE block's shared expert). Other rows
+(tokens gathered or copied) are refused unless the batch has one sample.
+
+The expert weights of MoE blocks (3D parameters, :mod:`domlora_kernels.experts`) have no
+module of their own to hook: for the probe their experts module runs the routed forward of
+:func:`~domlora_kernels.experts.routed_forward`, which hands each weight's output rows, sorted
+by expert, to ``_ExpertSite.tap``; the rest is as for a module, per expert and per sample.
 
 Per batch the host waits for the device once: the losses and every module's energies are
 checked for non-finite values and copied to the CPU together (``_end_batch``).
@@ -34,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import energies, ops, packing
+from . import energies, experts, ops, packing
 from .frozen import frozen_eval
 from .losses import causal_lm_losses, default_labels
 from .candidates import Candidate, find_candidates
@@ -70,12 +77,22 @@ class _Tap(torch.autograd.Function):
         return d, None, None
 
 
+# Layers whose output is a view made inside their own autograd Function, which autograd refuses
+# to mark dirty (and after a refused attempt, to clone): the tap takes a clone of their output.
+# bitsandbytes' 8-bit layer is one; only such layers pay for the copy.
+_VIEW_OUTPUT_LAYERS = ("Linear8bitLt",)
+
+
+def _tap(output: torch.Tensor, anchor: torch.Tensor, call: "_Call | None", clone: bool) -> torch.Tensor:
+    return _Tap.apply(output.clone() if clone else output, anchor, call)
+
+
 class _Call:
     """One forward call of one candidate module: what it kept, and where its energy goes."""
 
     __slots__ = ("site", "kept", "rows")
 
-    def __init__(self, site: "_Site", kept: energies.Kept, rows: int):
+    def __init__(self, site: "_Site", kept, rows: int):
         self.site, self.kept, self.rows = site, kept, rows
 
     def reduce(self, d: torch.Tensor) -> None:
@@ -92,6 +109,7 @@ class _Site:
 
     def __init__(self, cand: Candidate, probe: "_Probe"):
         self.cand, self.probe = cand, probe
+        self.clone_output = type(cand.module).__name__ in _VIEW_OUTPUT_LAYERS
         self.calls = 0  # forward calls in the current batch
         self.deferred = 0  # no-grad forward calls a reentrant checkpoint will rerun in backward
         self.batch_energy: torch.Tensor | None = None  # fisher: unscaled [k, B] of the current batch
@@ -114,42 +132,57 @@ class _Site:
             self._mats[key] = t.to(device=device, dtype=dtype)
         return self._mats[key]
 
-    def forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        p = self.probe
-        if not p.active:
-            return None
-        # Activation checkpointing runs a module's forward twice per batch. Non-reentrant: the
-        # first run has grad on and is tapped; the rerun, inside backward, only rebuilds saved
-        # tensors, so its tap reduces nothing (two would count the energy twice) but must exist:
-        # without it a frozen model's rerun saves no tensors and the checkpoint refuses the
-        # mismatch. Reentrant: the first run is under no_grad (no graph, no tap: counted in
-        # `deferred`) and the rerun builds the graph that is backpropagated, so it is tapped.
+    def call_mode(self) -> str:
+        """How the current forward call is tapped: "skip" (not at all), "rerun" (a tap that
+        reduces nothing) or "tap"; counts the call.
+
+        Activation checkpointing runs a module's forward twice per batch. Non-reentrant: the
+        first run has grad on and is tapped; the rerun, inside backward, only rebuilds saved
+        tensors, so its tap reduces nothing (two would count the energy twice) but must exist:
+        without it a frozen model's rerun saves no tensors and the checkpoint refuses the
+        mismatch. Reentrant: the first run is under no_grad (no graph, no tap: counted in
+        `deferred`) and the rerun builds the graph that is backpropagated, so it is tapped.
+        """
         if _in_backward():
             if not torch.is_grad_enabled():
-                return None
+                return "skip"
             if self.deferred == 0:
-                return _Tap.apply(output, p.anchor, None)
+                return "rerun"
             self.deferred -= 1
         elif not torch.is_grad_enabled():
             self.deferred += 1
-            return None
-        name, n = self.cand.name, self.cand.in_features
-        if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
-            raise TypeError(f"{name}: expected a tensor input and output, got {type(output).__name__}")
+            return "skip"
         self.calls += 1
         if self.calls > 1:
+            name = self.cand.name
             raise RuntimeError(
                 f"{name} ran {self.calls} times in one forward pass; PAGE of a module whose weight "
                 f"is applied more than once per sample is not defined by per-call energies. Exclude it with "
                 f"exclude_modules=[{name!r}]"
             )
+        return "tap"
+
+    def forward_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        p = self.probe
+        if not p.active:
+            return None
+        name, n = self.cand.name, self.cand.in_features
+        if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor input and output, got {type(output).__name__}")
+        mode = self.call_mode()
+        if mode != "tap":
+            return None if mode == "skip" else _tap(output, p.anchor, None, self.clone_output)
         x = args[0].detach()
         if x.dim() < 2 or x.shape[-1] != n:
             raise ValueError(f"{name}: input of shape {tuple(x.shape)} is not [B, ..., {n}]")
         rows = x.shape[0]  # samples, unless the module runs on a flattened activation (reduce checks)
-        a_all = self.mat("A", x.device, x.dtype) if p.projection in ("A", "AB") else None
-        kept = energies.keep(x.reshape(rows, -1, n), p.projection, a_all)
-        return _Tap.apply(output, p.anchor, _Call(self, kept, rows))
+        x3 = x.reshape(rows, -1, n)
+        proj = p.shared.project(self, args[0], x3) if p.projection in ("A", "AB") else None
+        kept = energies.keep(x3, p.projection, proj)
+        flat = _flattened_batch(args[0])
+        if flat is not None:
+            p.flat_views.add((flat, rows))
+        return _tap(output, p.anchor, _Call(self, kept, rows), self.clone_output)
 
     def reduce(self, kept: energies.Kept, d: torch.Tensor, rows: int) -> None:
         """Add one call's energy (fisher) or gradient sums (gradient), given ``D = dL/dY``."""
@@ -157,9 +190,11 @@ class _Site:
         self.got_grad = True
         batch = p.batch_size
         if rows != batch:
-            if batch != 1:
+            # Rows of the batch's tokens flattened ([B*T, n], T each in sample order: a MoE block's
+            # shared expert); at batch one every row is sample 0's, whatever its layout.
+            if batch != 1 and (batch, rows) not in p.flat_views:
                 raise ValueError(_rows_error(self.cand.name, rows, batch))
-            kept = kept.as_one_sample()  # batch of one: every row, whatever its layout, is sample 0's
+            kept = kept.regroup(batch)
         d3 = d.reshape(batch, -1, self.cand.out_features)
         k, needs_b = len(p.seeds), p.projection in ("B", "AB")
         if p.estimator == "fisher":
@@ -174,12 +209,22 @@ class _Site:
             else:
                 self.grad_sum[key] = g.clone()
 
+    @property
+    def energy_rows(self) -> int:
+        """Rows of the fisher energies per sample: one per seed."""
+        return len(self.probe.seeds)
+
+    def grad_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of :attr:`grad_sum` (estimator "gradient")."""
+        c, p = self.cand, self.probe
+        return energies.grad_sum_shapes(p.projection, len(p.seeds), c.out_features, p.rank, c.in_features)
+
     def batch_check(self, batch: int) -> torch.Tensor:
         """What :func:`_end_batch` copies to the host for this site: fisher: the batch's
-        energies ``[k, B]``; gradient: whether the sums so far are finite (``[1]``)."""
+        energies ``[energy_rows, B]``; gradient: whether the sums so far are finite (``[1]``)."""
         if self.probe.estimator == "fisher":
             if self.batch_energy is None:  # module off the loss path (or not run) this batch
-                return torch.zeros(len(self.probe.seeds), batch, dtype=torch.float64)
+                return torch.zeros(self.energy_rows, batch, dtype=torch.float64)
             return self.batch_energy.detach()
         flags = [torch.isfinite(g).all() for g in self.grad_sum.values()]
         return torch.stack(flags).all().reshape(1) if flags else torch.ones(1, dtype=torch.bool)
@@ -197,18 +242,157 @@ class _Site:
         return energies.page_values(p.estimator, parts, num_samples, p.scaling, len(p.seeds))
 
 
+class _ExpertSite(_Site):
+    """An expert weight: all ``E`` experts of one 3D parameter, fed by the routed forward.
+
+    Fisher keeps ``[k*E, B]`` energies per batch (every expert of every seed), gradient sums
+    ``[k, E, ...]``; :meth:`results` reduces them to the parameter's PAGE (the sum over its
+    experts, what one peft adapter on the parameter gets) and sets :attr:`by_expert`.
+    """
+
+    def __init__(self, cand: Candidate, probe: "_Probe"):
+        super().__init__(cand, probe)
+        self.by_expert: torch.Tensor | None = None  # [k, E] after results()
+
+    @property
+    def energy_rows(self) -> int:
+        return len(self.probe.seeds) * self.cand.num_experts
+
+    def mat(self, which: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``"A"``: ``[E, k*r, n]``; ``"B"``: ``[E, m, k*r]`` (peft's layouts, :mod:`~domlora_kernels.experts`)."""
+        key = (which, device, dtype)
+        if key not in self._mats:
+            c, p = self.cand, self.probe
+            features = c.in_features if which == "A" else c.out_features
+            t = experts.expert_mats(which, c.name, p.rank, c.num_experts, features, p.seeds)
+            self._mats[key] = t.to(device=device, dtype=dtype)
+        return self._mats[key]
+
+    def tap(self, y: torch.Tensor, x: torch.Tensor, routing: experts.Routing) -> torch.Tensor:
+        """The weight's output rows ``y`` ``[S, m]`` from its input rows ``x`` ``[S, n]``, tapped."""
+        p = self.probe
+        mode = self.call_mode()
+        if mode != "tap":
+            return y if mode == "skip" else _Tap.apply(y, p.anchor, None)
+        x = x.detach()
+        a_cat = self.mat("A", x.device, x.dtype) if p.projection in ("A", "AB") else None
+        kept = experts.keep_routed(x, routing, p.projection, a_cat)
+        return _Tap.apply(y, p.anchor, _Call(self, kept, x.shape[0]))
+
+    def reduce(self, kept: experts.RoutedKept, d: torch.Tensor, rows: int) -> None:
+        p = self.probe
+        self.got_grad = True
+        k, needs_b = len(p.seeds), p.projection in ("B", "AB")
+        with energies.ieee_fp32():
+            if p.estimator == "fisher":
+                b_cat = self.mat("B", d.device, d.dtype) if needs_b else None
+                e = experts.routed_sample_energies(kept, d, p.projection, b_cat, p.rank, k, p.batch_size, p.backend)
+                self.batch_energy = e.reshape(self.energy_rows, -1)  # [k*E, B]
+                return
+            b_cat = self.mat("B", d.device, energies.accumulation_dtype(d.dtype)) if needs_b else None
+            sums = experts.routed_gradient_sums(kept, d, p.projection, b_cat, p.rank, k)
+        for key, g in sums.items():
+            self.grad_sum[key] = self.grad_sum[key] + g if key in self.grad_sum else g
+
+    def grad_shapes(self) -> dict[str, tuple[int, ...]]:
+        c, p = self.cand, self.probe
+        flat = energies.grad_sum_shapes(p.projection, len(p.seeds), c.out_features, p.rank, c.in_features)
+        return {key: (shape[0], c.num_experts) + shape[1:] for key, shape in flat.items()}
+
+    def results(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = self.probe
+        k, s2 = len(p.seeds), p.scaling**2
+        if p.estimator == "fisher":
+            per = torch.cat(self.sample_energies, dim=1).view(k, self.cand.num_experts, -1) * s2  # [k, E, N]
+            self.by_expert = per.mean(dim=2)
+            return self.by_expert.sum(dim=1), per.sum(dim=1)
+        self.by_expert = torch.zeros(k, self.cand.num_experts, dtype=torch.float64)
+        for g in self.grad_sum.values():  # [k, E, a, b]
+            self.by_expert += (g.to("cpu", torch.float64) / num_samples).square().sum(dim=(2, 3)) * s2
+        return self.by_expert.sum(dim=1), None
+
+
 def _rows_error(name: str, rows: int, batch: int) -> str:
     return (
-        f"{name} received {rows} rows for a batch of {batch} samples: it runs on a flattened or "
-        f"reshaped activation ([B*T, n], as a MoE router or expert does), so its rows are tokens, not "
-        f"samples, and its per-sample PAGE cannot be told apart. Exclude it with "
-        f"exclude_modules=[{name!r}], or probe with batches of one sample (then every row is that sample's)"
+        f"{name} received {rows} rows for a batch of {batch} samples: its rows are tokens gathered or "
+        f"copied out of the batch (as the experts of a MoE block in remote code are fed), not the samples "
+        f"nor a flat view of them (h.view(-1, n), which is recognised), so its per-sample PAGE cannot be "
+        f"told apart. Exclude it with exclude_modules=[{name!r}], or probe with batches of one sample "
+        f"(then every row is that sample's)"
     )
+
+
+def _flattened_batch(x: torch.Tensor) -> int | None:
+    """The leading size of the activation ``x`` is a flat view of, else None.
+
+    ``x`` ``[rows, n]`` viewing all of a contiguous tensor of 3 or more dims (``h.view(-1, n)``
+    of ``h`` ``[B, T, n]``, as MoE blocks feed their shared expert and router) holds that
+    tensor's rows in order: row ``i`` is sample ``i // T`` when the leading size is the batch.
+    A copy, or a subset of the tokens, is no view of it and gets None.
+    """
+    base = x._base
+    if x.dim() != 2 or base is None or base.dim() < 3 or x.numel() != base.numel():
+        return None
+    if not (x.is_contiguous() and base.is_contiguous()) or x.data_ptr() != base.data_ptr():
+        return None
+    return int(base.shape[0])
 
 
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass (where checkpoints recompute)."""
     return torch._C._current_graph_task_id() != -1
+
+
+class _SharedInputs:
+    """Projects an input that several modules read (q/k/v, gate/up) once for all of them.
+
+    On the first batch it learns which sites are called one after another on the same input
+    tensor (the same object, unmodified); from then on the first site of such a group computes
+    ``X [A_1; A_2; ...]^T`` in one matmul and each site takes its columns: the same numbers as
+    one matmul per site, with ``X`` read once. A site whose input is not its group's (control
+    flow that changed) projects on its own, so a wrong guess costs time, never correctness.
+    """
+
+    def __init__(self):
+        self.learning = True
+        self.run: list = []  # first batch: [input, its version, sites called on it in a row]
+        self.runs: list[list["_Site"]] = []
+        self.groups: dict["_Site", list["_Site"]] = {}  # first site -> its group, in call order
+        self.live: tuple | None = None  # (input, version, {site: its columns of P})
+        self._a: dict[tuple, torch.Tensor] = {}
+
+    def project(self, site: "_Site", x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        if self.learning:
+            if self.run and self.run[0] is x and self.run[1] == x._version:
+                self.run[2].append(site)
+            else:
+                self.run = [x, x._version, [site]]
+                self.runs.append(self.run[2])
+            return energies.project(x3, site.mat("A", x3.device, x3.dtype))
+        live = self.live
+        if live is not None and live[0] is x and live[1] == x._version and site in live[2]:
+            return live[2].pop(site)
+        group = self.groups.get(site)
+        if group is None:
+            return energies.project(x3, site.mat("A", x3.device, x3.dtype))
+        proj = energies.project(x3, self._stacked(group, x3.device, x3.dtype))
+        width = proj.shape[-1] // len(group)
+        cols = {s: proj[..., i * width:(i + 1) * width] for i, s in enumerate(group)}
+        self.live = (x, x._version, cols)
+        return cols.pop(site)
+
+    def _stacked(self, group: list["_Site"], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (group[0], device, dtype)
+        if key not in self._a:
+            self._a[key] = torch.cat([s.mat("A", device, dtype) for s in group])
+        return self._a[key]
+
+    def end_batch(self) -> None:
+        """After a batch's backward: the first one fixes the groups; no input is held on to."""
+        if self.learning:
+            self.groups = {g[0]: g for g in self.runs if len(g) > 1}
+            self.learning = False
+        self.run, self.runs, self.live = [], [], None
 
 
 class _Probe:
@@ -217,7 +401,10 @@ class _Probe:
         self.estimator, self.scaling, self.backend = estimator, scaling, backend
         self.active = False
         self.batch_size = 0  # samples in the batch being backpropagated
+        # (samples, rows) of the batch's tokens flattened: [B*T, n] rows are then T per sample, in order
+        self.flat_views: set[tuple[int, int]] = set()
         self.anchor = torch.zeros((), requires_grad=True)
+        self.shared = _SharedInputs()
 
 
 # Each rank's status row for _merge_ranks: these four columns, then one got-gradient flag per site.
@@ -257,21 +444,20 @@ def _merge_ranks(sites, probe, num_samples, num_batches, elapsed, group) -> tupl
 def _merge_sample_energies(sites, probe, num_samples, counts, group) -> None:
     from . import distributed as dd
 
-    local = torch.zeros(len(sites), len(probe.seeds), num_samples, dtype=torch.float64)
-    for i, s in enumerate(sites):
+    sizes = [s.energy_rows for s in sites]
+    local = torch.zeros(sum(sizes), num_samples, dtype=torch.float64)
+    for s, rows in zip(sites, local.split(sizes)):
         if s.sample_energies:
-            local[i] = torch.cat(s.sample_energies, dim=1)
-    merged = dd.gather_columns(local, counts, group)  # [S, k, N], rank-major
-    for i, s in enumerate(sites):
-        s.sample_energies = [merged[i]]
+            rows.copy_(torch.cat(s.sample_energies, dim=1))
+    merged = dd.gather_columns(local, counts, group)  # [sum of rows, N], rank-major
+    for s, rows in zip(sites, merged.split(sizes)):
+        s.sample_energies = [rows]
 
 
 def _merge_grad_sums(sites, probe, group) -> None:
     from . import distributed as dd
 
-    k = len(probe.seeds)
-    shapes = [energies.grad_sum_shapes(probe.projection, k, s.cand.out_features, probe.rank, s.cand.in_features)
-              for s in sites]
+    shapes = [s.grad_shapes() for s in sites]
     parts = []
     for s, sh in zip(sites, shapes):  # a module this rank never reached contributes zeros
         for key, shape in sh.items():
@@ -424,8 +610,10 @@ def page_scores(
             keys are passed to the model. Anything else when ``loss_fn`` is given.
         rank: LoRA rank ``r`` of the probe adapter.
         target_modules / exclude_modules: peft's forms: ``"all-linear"`` (``nn.Linear`` and
-            ``Conv1D`` except the output embedding), a list of names or dotted suffixes, or a
-            regex matching whole names.
+            ``Conv1D`` except the output embedding, and the expert weights of transformers'
+            mixture-of-experts blocks, e.g. ``model.layers.3.mlp.experts.down_proj``), a list of
+            names or dotted suffixes (``"experts.down_proj"``), or a regex matching whole names.
+            A 3D weight of unknown layout in the selection raises an error naming it.
         projection: ``"A"`` (energy of ``dL/dB`` at peft's default init), ``"B"`` (energy of
             ``dL/dA`` for a random nonzero B), ``"AB"`` (both), ``"expected"`` (expectation over
             A: ``r / (3n) ||G||^2``).
@@ -445,7 +633,8 @@ def page_scores(
             batches on every rank. See :mod:`domlora_kernels.distributed`.
 
     Returns:
-        :class:`PageScores`.
+        :class:`PageScores`. An expert weight's score is the sum over its experts (what one
+        peft ``target_parameters`` adapter on it gets); ``by_expert`` has each expert's.
 
     Example:
         >>> scores = page_scores(model, [{"input_ids": ids}], rank=8)  # doctest: +SKIP
@@ -464,7 +653,7 @@ def page_scores(
     _check_backend(backend, device, dtype)
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = _Probe(rank, seeds, projection, estimator, scaling, backend)
-    sites = [_Site(c, probe) for c in candidates]
+    sites = [(_ExpertSite if c.parameter is not None else _Site)(c, probe) for c in candidates]
     bar = _progress_bar(batches) if progress and world_rank == 0 else None
     num_samples, num_batches, elapsed = _run_all_ranks(model, batches, sites, loss_fn, device, bar, process_group)
     if num_batches == 0:
@@ -529,16 +718,18 @@ def _progress_bar(batches):
 def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
     """Forward and backward every batch with the hooks on; returns ``(samples, batches)``."""
     num_samples = num_batches = 0
-    with frozen_eval(model), torch.enable_grad():
-        handles = [s.cand.module.register_forward_hook(s.forward_hook) for s in sites]
+    with frozen_eval(model), torch.enable_grad(), experts.routed_experts(_expert_taps(sites)):
+        handles = [s.cand.module.register_forward_hook(s.forward_hook) for s in sites if not isinstance(s, _ExpertSite)]
         try:
             probe.active = True
             for i, batch in enumerate(batches):
+                probe.flat_views = set()
                 losses = _batch_losses(model, batch, i, loss_fn, device, num_samples)
                 _check_losses(losses, i)
                 probe.batch_size = losses.numel()
                 losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
                 _end_batch(sites, losses.detach(), num_samples)
+                probe.shared.end_batch()
                 num_samples += losses.numel()
                 num_batches += 1
                 if bar is not None:
@@ -549,6 +740,22 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
             for h in handles:
                 h.remove()
     return num_samples, num_batches
+
+
+def _expert_taps(sites) -> dict[nn.Module, experts.Tap]:
+    """The tap of each experts module with a probed weight: to that weight's site, if any."""
+    by_module: dict[nn.Module, dict[str, _ExpertSite]] = {}
+    for s in sites:
+        if isinstance(s, _ExpertSite):
+            by_module.setdefault(s.cand.module, {})[s.cand.parameter] = s
+
+    def tap_of(weights: dict[str, _ExpertSite]) -> experts.Tap:
+        def tap(name: str, y: torch.Tensor, x: torch.Tensor, routing: experts.Routing) -> torch.Tensor:
+            site = weights.get(name)
+            return y if site is None or not site.probe.active else site.tap(y, x, routing)
+        return tap
+
+    return {mod: tap_of(weights) for mod, weights in by_module.items()}
 
 
 def _batch_losses(model, batch, index: int, loss_fn, device, first_sample: int) -> torch.Tensor:
@@ -630,6 +837,7 @@ def _collect(sites, num_samples: int, config: dict, meta: dict) -> PageScores:
             per_sample[site.cand.name] = per
     names = [s.cand.name for s in sites]
     scores = {n: float(sum(by_seed[s][n] for s in seeds) / len(seeds)) for n in names}
-    modules = {s.cand.name: ModuleInfo(s.cand.layer, s.cand.type, s.cand.in_features, s.cand.out_features)
-               for s in sites}
-    return PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta)
+    modules = {s.cand.name: ModuleInfo(s.cand.layer, s.cand.type, s.cand.in_features, s.cand.out_features,
+                                       s.cand.num_experts, s.cand.parameter is not None) for s in sites}
+    by_expert = {s.cand.name: s.by_expert.mean(dim=0).tolist() for s in sites if isinstance(s, _ExpertSite)}
+    return PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta, by_expert)

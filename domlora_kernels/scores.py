@@ -16,12 +16,14 @@ SCHEMA = "domlora_kernels.page_scores/1"
 
 @dataclass
 class ModuleInfo:
-    """What the report needs to know of a candidate module."""
+    """What the report needs to know of a candidate module (or expert weight)."""
 
     layer: int | None
     type: str
-    in_features: int
+    in_features: int  # of each expert, for an expert weight
     out_features: int
+    num_experts: int = 1
+    expert_weight: bool = False  # a 3D expert parameter, which peft adapts through target_parameters
 
 
 @dataclass
@@ -37,6 +39,8 @@ class PageScores:
         num_samples: calibration samples seen.
         config: the probe's settings (rank, projection, estimator, seeds, scaling, ...).
         meta: free-form provenance (model, data, timings).
+        by_expert: expert weight name -> the PAGE of each of its experts (mean over seeds);
+            they sum to the weight's PAGE. Empty for a model without expert weights.
     """
 
     scores: dict[str, float]
@@ -46,6 +50,7 @@ class PageScores:
     num_samples: int
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    by_expert: dict[str, list[float]] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- views
     def ranked(self) -> list[tuple[str, float]]:
@@ -77,7 +82,9 @@ class PageScores:
 
     @property
     def lora_A(self) -> dict[str, torch.Tensor]:
-        """name -> the ``[rank, in_features]`` A the probe used (first seed), float32 CPU.
+        """name -> the ``[rank, in_features]`` A the probe used (first seed), float32 CPU; for an
+        expert weight peft's ``lora_A`` layout ``[rank * E, in_features]`` (expert ``e``: rows
+        ``e*rank:(e+1)*rank``), ready to copy into the adapter.
 
         Re-derived from ``(seed, name)``: the draw is deterministic, so nothing is stored.
         Empty for projections that use no A ("B", "expected").
@@ -85,24 +92,31 @@ class PageScores:
         if self.config["projection"] not in ("A", "AB"):
             return {}
         s = self.seeds[0]
-        return {n: draw_lora_A(n, self.rank, i.in_features, s) for n, i in self.modules.items()}
+        return {n: draw_lora_A(n, self.rank * i.num_experts, i.in_features, s) for n, i in self.modules.items()}
 
     @property
     def lora_B(self) -> dict[str, torch.Tensor]:
-        """name -> the nonzero ``[out_features, rank]`` probe B (projections "B" and "AB")."""
+        """name -> the nonzero ``[out_features, rank]`` probe B (projections "B" and "AB"); for an
+        expert weight peft's ``lora_B`` layout ``[out_features, rank * E]`` (expert ``e``: columns ``e::E``)."""
         if self.config["projection"] not in ("B", "AB"):
             return {}
         s = self.seeds[0]
-        return {n: draw_lora_B(n, self.rank, i.out_features, s) for n, i in self.modules.items()}
+        return {n: draw_lora_B(n, self.rank * i.num_experts, i.out_features, s) for n, i in self.modules.items()}
 
     def table(self, top: int = 10) -> str:
-        """A plain-text table of the ``top`` modules: rank, share, layer, type, PAGE, name."""
+        """A plain-text table of the ``top`` modules: rank, share, layer, type, PAGE, name.
+
+        An expert weight's type reads ``experts.down_proj`` and its name ends with ``[E experts]``.
+        """
         shares = self.shares
-        rows = [f"{'#':>3}  {'share':>7}  {'layer':>5}  {'type':<12} {'PAGE':>11}  module"]
-        for i, (name, val) in enumerate(self.ranked()[:top], 1):
+        ranked = self.ranked()[:top]
+        width = max([12] + [len(self.modules[n].type) for n, _ in ranked])
+        rows = [f"{'#':>3}  {'share':>7}  {'layer':>5}  {'type':<{width}} {'PAGE':>11}  module"]
+        for i, (name, val) in enumerate(ranked, 1):
             info = self.modules[name]
             layer = "-" if info.layer is None else str(info.layer)
-            rows.append(f"{i:>3}  {100 * shares[name]:>6.2f}%  {layer:>5}  {info.type:<12} {val:>11.4e}  {name}")
+            experts = f"  [{info.num_experts} experts]" if info.expert_weight else ""
+            rows.append(f"{i:>3}  {100 * shares[name]:>6.2f}%  {layer:>5}  {info.type:<{width}} {val:>11.4e}  {name}{experts}")
         return "\n".join(rows)
 
     # ------------------------------------------------------------------ JSON
@@ -114,7 +128,8 @@ class PageScores:
             "dominant_module": self.dominant_module,
             "modules": [
                 {"name": n, "layer": i.layer, "type": i.type, "in_features": i.in_features,
-                 "out_features": i.out_features, "page": self.scores[n], "share": self.shares[n]}
+                 "out_features": i.out_features, "page": self.scores[n], "share": self.shares[n],
+                 **({"num_experts": i.num_experts, "experts": self.by_expert[n]} if i.expert_weight else {})}
                 for n, i in self.modules.items()
             ],
             "by_seed": {str(s): v for s, v in self.by_seed.items()},
@@ -136,7 +151,9 @@ class PageScores:
         if schema != SCHEMA:
             raise ValueError(f"not a PAGE report of schema {SCHEMA!r} (found {schema!r})")
         modules = {
-            m["name"]: ModuleInfo(m["layer"], m["type"], m["in_features"], m["out_features"]) for m in d["modules"]
+            m["name"]: ModuleInfo(m["layer"], m["type"], m["in_features"], m["out_features"], m.get("num_experts", 1),
+                                  "experts" in m)
+            for m in d["modules"]
         }
         per_sample = d.get("per_sample")
         return cls(
@@ -148,6 +165,7 @@ class PageScores:
             num_samples=int(d["num_samples"]),
             config=d["config"],
             meta=d.get("meta", {}),
+            by_expert={m["name"]: [float(v) for v in m["experts"]] for m in d["modules"] if "experts" in m},
         )
 
     @classmethod

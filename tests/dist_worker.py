@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import sample_batch, tiny_model  # noqa: E402
+from tiny_moe import tiny_moe  # noqa: E402
 from helpers import COMBOS  # noqa: E402
 
 from domlora_kernels import page_scores  # noqa: E402
@@ -75,6 +76,10 @@ def main(out_dir: str) -> None:
 
     # 1. replicated model, uneven shards (3 and 2 batches)
     res["plain"] = probe_all(tiny_model("llama", torch.float64), shard(batches))
+
+    # 1b. a mixture-of-experts model: expert weights' per-expert energies merged over the ranks
+    # (eager experts: grouped_mm takes no float64)
+    res["moe"] = probe_all(tiny_moe("mixtral", torch.float64, experts_implementation="eager"), shard(batches))
 
     # 2. DDP-wrapped (trainable, as in a fine-tuning script), then one DDP training step to
     # show the wrapper still works after the probe: its gradients must be averaged over ranks.

@@ -92,6 +92,22 @@ def test_two_ranks_equal_one_process(ranks, setup, n_batches):
     _check_setup(ranks, setup, n_batches)
 
 
+def test_two_ranks_equal_one_process_moe(ranks):
+    """Expert weights: the parameter's scores and every expert's, merged over the ranks."""
+    from tiny_moe import tiny_moe
+
+    for projection, estimator in COMBOS:
+        model = tiny_moe("mixtral", torch.float64, experts_implementation="eager")  # grouped_mm takes no float64
+        ref = page_scores(model, all_batches(), rank=3, projection=projection, estimator=estimator,
+                          seed=seeds_for(projection), progress=False)
+        assert len(ref.by_expert) == 4
+        for rk in ranks:
+            got = PageScores.from_dict(rk["moe"][f"{projection}-{estimator}"])
+            assert _worst_rel(got, ref) < TOL, (rk["rank"], projection, estimator)
+            for name, vals in ref.by_expert.items():
+                torch.testing.assert_close(torch.tensor(got.by_expert[name]), torch.tensor(vals), rtol=TOL, atol=0)
+
+
 def test_fsdp_checkpointing_really_recomputed(ranks):
     assert all(rk["fsdp_ckpt_calls_per_batch"] == 2 for rk in ranks)
 

@@ -116,3 +116,26 @@ def test_reference_rejects_bad_cu_seqlens():
         projected_energy_ref(u, v, torch.tensor([0, 6, 4, 10], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens"):
         weight_grad_energy_ref(u, v, torch.tensor([0, 4, 9], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_projected_energy_groups_equal_one_call_per_block(dtype, varlen):
+    """groups=g gives each block of R/g columns its own energy, as one call per block does."""
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(3, 11, 40, generator=g).to(dtype)
+    v = torch.randn(3, 11, 12, generator=g).to(dtype)
+    cu = None
+    if varlen:
+        u, v, cu = u.reshape(33, 40), v.reshape(33, 12), torch.tensor([0, 5, 5, 20, 33], dtype=torch.int32)
+    got = projected_energy(u, v, cu, backend="torch", groups=3)
+    want = torch.stack([projected_energy(u, v[..., 4 * j:4 * (j + 1)], cu, backend="torch") for j in range(3)])
+    assert got.shape == want.shape == (3, 4 if varlen else 3)
+    assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-6)
+    assert rel_err(got.sum(dim=0), projected_energy(u, v, cu, backend="torch")) < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+@pytest.mark.parametrize("groups", [0, 5, True])
+def test_projected_energy_groups_must_divide_the_columns(groups):
+    with pytest.raises(ValueError, match="groups"):
+        projected_energy(torch.randn(2, 3, 4), torch.randn(2, 3, 6), groups=groups)

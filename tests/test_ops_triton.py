@@ -590,3 +590,13 @@ def test_gpu_split_equals_one_pass():
     chunk = split_chunk(8192, 9, 64)
     assert chunk is not None
     split_vs_one_pass(u, v, None, chunk)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_projected_energy_groups_equal_torch(dtype):
+    u = randn(2, 9, 33, dtype=dtype, seed=11)
+    v = randn(2, 9, 8, dtype=dtype, seed=12)
+    got = projected_energy(u, v, backend="triton", groups=2)
+    want = projected_energy(u, v, backend="torch", groups=2)
+    assert got.shape == (2, 2)
+    assert rel_err(got, want) < TOL[dtype]

@@ -36,7 +36,9 @@ def test_a_depends_on_seed_and_name_only(model, batches):
     assert set(sub.scores) == {n for n in full.scores if n.endswith(("down_proj", "q_proj"))}
     for n in sub.scores:
         assert torch.equal(sub.lora_A[n], full.lora_A[n])
-        assert sub.scores[n] == full.scores[n]
+        # the same A, so the same energy; not bit for bit, since probing all modules projects
+        # q/k/v's shared input in one matmul (probe._SharedInputs), a different float32 rounding
+        assert sub.scores[n] == pytest.approx(full.scores[n], rel=1e-5)
     other = page_scores(model, batches, rank=4, seed=4, target_modules=["down_proj"], progress=False)
     assert all(not torch.equal(other.lora_A[n], full.lora_A[n]) for n in other.scores)
 

@@ -182,11 +182,15 @@ def test_keyboard_interrupt_mid_probe_restores_the_model():
 
 # ------------------------------------------------------------------ flattened activations
 class _RoutedNet(nn.Module):
-    """Embedding, an MLP, a MoE-style router applied to ``h.reshape(-1, d)`` ([B*T, d]), a head."""
+    """Embedding, an MLP, a MoE-style router on the tokens flattened ([B*T, d]), a head.
 
-    def __init__(self):
+    ``copied``: the router gets a copy of the flattened tokens instead of a view of them.
+    """
+
+    def __init__(self, copied: bool = False):
         super().__init__()
         torch.manual_seed(0)
+        self.copied = copied
         self.emb = nn.Embedding(40, 16)
         self.up = nn.Linear(16, 16)
         self.router = nn.Linear(16, 4)
@@ -197,7 +201,8 @@ class _RoutedNet(nn.Module):
     def forward(self, ids):
         h = torch.tanh(self.up(self.emb(ids)))
         b, t, d = h.shape
-        w = torch.softmax(self.router(h.reshape(-1, d)), dim=-1).reshape(b, t, -1)
+        tokens = h.reshape(-1, d).clone() if self.copied else h.reshape(-1, d)
+        w = torch.softmax(self.router(tokens), dim=-1).reshape(b, t, -1)
         return self.head(h + self.mix(w))
 
 
@@ -218,12 +223,23 @@ def _naive_per_sample(model, ids, scores):
     return {n: torch.tensor(v, dtype=torch.float64) for n, v in per.items()}
 
 
-def test_module_on_flattened_input_is_refused_by_name():
+def test_module_on_a_flat_view_of_the_tokens_scored_per_sample():
+    """h.reshape(-1, d) of h [B, T, d] holds each sample's T rows in order: scored exactly."""
+    ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    net = _RoutedNet()
+    got = page_scores(net, [{"input_ids": ids}], rank=2, loss_fn=_loss, progress=False)
+    want = _naive_per_sample(net, ids, got)
+    assert set(got.scores) == {"up", "router", "mix", "head"}
+    for n, w in want.items():
+        torch.testing.assert_close(got.per_sample[n][0], w, rtol=1e-10, atol=0)
+
+
+def test_module_on_copied_tokens_is_refused_by_name():
     ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match=r"router received 21 rows for a batch of 3 samples.*exclude_modules=\['router'\]"):
-        page_scores(_RoutedNet(), [{"input_ids": ids}], rank=2, loss_fn=_loss, progress=False)
+        page_scores(_RoutedNet(copied=True), [{"input_ids": ids}], rank=2, loss_fn=_loss, progress=False)
     # excluded, the rest is scored per sample, as one sample at a time by autograd gives
-    net = _RoutedNet()
+    net = _RoutedNet(copied=True)
     got = page_scores(net, [{"input_ids": ids}], rank=2, loss_fn=_loss, exclude_modules=["router"], progress=False)
     want = _naive_per_sample(net, ids, got)
     assert set(got.scores) == {"up", "mix", "head"}
@@ -234,7 +250,7 @@ def test_module_on_flattened_input_is_refused_by_name():
 def test_module_on_flattened_input_scored_per_sample_at_batch_one():
     """With one sample per batch every row of the router is that sample's: scored exactly."""
     ids = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
-    net = _RoutedNet()
+    net = _RoutedNet(copied=True)
     got = page_scores(net, [{"input_ids": ids[b:b + 1]} for b in range(3)], rank=2, loss_fn=_loss, progress=False)
     want = _naive_per_sample(net, ids, got)
     assert got.per_sample["router"].shape == (1, 3)

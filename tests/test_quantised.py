@@ -38,13 +38,7 @@ def _batches():
     return [sample_batch([7, 5], seed=1), sample_batch([6, 6, 3], seed=2)]
 
 
-EIGHT_BIT = pytest.param(8, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "probe.py's _Tap marks the module output dirty; bitsandbytes' Linear8bitLt returns a view made inside its "
-    "autograd Function, which torch refuses to mark dirty. Fix in probe.py: tap a clone of such an output "
-    "(output._base is not None); with that fix this case passes.")))
-
-
-@pytest.mark.parametrize("bits", [4, EIGHT_BIT])
+@pytest.mark.parametrize("bits", [4, 8])
 def test_quantised_probe_matches_peft(tiny_folder, bits):
     """The probe on Linear4bit / Linear8bitLt equals peft's per-sample ||lora_B.grad||^2.
 

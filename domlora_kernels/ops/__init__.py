@@ -241,7 +241,8 @@ def _kernel_cu(cu_seqlens, device: torch.device):
     return cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
 
 
-def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
+                     backend: str = "auto", groups: int = 1) -> torch.Tensor:
     """Per-sample ``|| u_s^T v_s ||_F^2`` without a weight gradient.
 
     Args:
@@ -249,23 +250,33 @@ def projected_energy(u: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor 
         v: ``[B, T, R]`` or packed ``[N, R]`` (projection A: ``P = X A^T``).
         cu_seqlens: ``None`` for padded inputs, else int32 ``[S + 1]`` segment offsets.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
+        groups: ``g`` dividing ``R``: the energy of each block of ``R / g`` columns of ``v``
+            separately (the probe's seeds, stacked). The torch path reads ``u`` once; the
+            Triton path launches once per block.
 
     Returns:
-        float32 ``[B]`` (``[S]``); float64 for float64 inputs (torch backend).
+        float32 ``[B]`` (``[S]``), or ``[g, B]`` for ``groups=g > 1``; float64 for float64
+        inputs (torch backend).
 
     Example:
         >>> u, v = torch.randn(2, 5, 7), torch.randn(2, 5, 3)
         >>> projected_energy(u, v).shape
         torch.Size([2])
     """
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or v.shape[-1] % groups:
+        raise ValueError(f"groups must be a positive integer dividing v's last dimension {v.shape[-1]}, got {groups!r}")
     t_max = _prepare("u", u, "v", v, cu_seqlens)
     if _resolve("projected", backend, u, v, cu_seqlens, t_max) == "triton":
+        if groups > 1:  # one launch per block of columns
+            w = v.shape[-1] // groups
+            return torch.stack([projected_energy(u, v[..., j * w:(j + 1) * w], cu_seqlens, backend="triton")
+                                for j in range(groups)])
         from .projected_energy_triton import projected_energy_triton
 
         _, chunk = _programs("projected", u, v, _n_segments(u, cu_seqlens), t_max)
         with _on_device(u):
             return projected_energy_triton(u, v, _kernel_cu(cu_seqlens, u.device), t_max=t_max, chunk=chunk)
-    return projected_energy_ref(u, v, cu_seqlens)
+    return projected_energy_ref(u, v, cu_seqlens, groups)
 
 
 def weight_grad_energy(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
