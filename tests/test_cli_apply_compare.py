@@ -239,3 +239,20 @@ def test_parser_takes_one_quantisation(capsys):
     with pytest.raises(SystemExit) as e:
         main(["probe", "--load-in-4bit", "--load-in-8bit"])
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_apply_on_a_4bit_base(tiny_folder, tmp_path, capsys):
+    """`domlora apply --load-in-4bit --budget`: the QLoRA path saves an adapter that loads onto a 4-bit base."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the quant extra: pip install 'domlora_kernels[quant]'")
+    from domlora_kernels.models import load_model
+
+    out = tmp_path / "adapter"
+    assert main(["apply", *_common(tiny_folder), "--load-in-4bit", "--budget", "3%", "--rank", "4", "--out-dir", str(out)]) == 0
+    placement = json.loads((out / "domlora_placement.json").read_text())
+    assert 0 < placement["trainable_params"] <= placement["budget"]
+    base, _ = load_model(tiny_folder[0], load_in_4bit=True)
+    pm = peft.PeftModel.from_pretrained(base, out)
+    layers = {n: m for n, m in pm.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert sorted(layers) == sorted(placement["ranks"])
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers.values())
