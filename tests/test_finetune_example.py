@@ -45,7 +45,7 @@ def test_plain_prompt_is_the_prefix_that_training_renders():
 @pytest.mark.slow
 def test_example_trains_saves_and_reloads(tmp_path, capsys):
     args = fe.parse_args(["--steps", "3", "--probe-samples", "4", "--train-samples", "12", "--eval-samples", "4",
-                          "--max-length", "48", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32",
+                          "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32",
                           "--out-dir", str(tmp_path)])
     res = fe.run(args)
     printed = capsys.readouterr().out
