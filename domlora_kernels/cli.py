@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import MissingExtraError
+from .models import DEVICE_MAPS, DTYPES
 from .ops import BACKENDS
 from .probe import ESTIMATORS, PROJECTIONS
 
@@ -36,12 +37,27 @@ def _positive(kind):
 def add_probe_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by every command that runs a probe."""
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="a .gguf file or a local transformers folder (default: the embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--data", default=None, help='jsonl with {"text": ...} or {"messages": [...]} per line (default: the shipped calibration set)')
+    g.add_argument("--model", default=None, help="a .gguf file, a local transformers folder, or a model name in the Hugging Face "
+                                                  "cache (org/name) (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--data", default=None, help='.jsonl/.json/.parquet/.csv with a "text" or "messages" field per record, a datasets '
+                                                "folder, or a dataset name (default: the shipped calibration set)")
+    g.add_argument("--split", default=None, help="split of a datasets folder or name (default: train)")
+    g.add_argument("--text-field", default=None, help="field holding each record's text (every token a target)")
+    g.add_argument("--messages-field", default=None, help="field holding each record's chat messages (assistant tokens are targets)")
     g.add_argument("--tasks", default=None, help="comma-separated subset of the shipped calibration tasks: instruction,math,code,chat")
     g.add_argument("--num-samples", type=_positive(int), default=None, help="use only the first N samples")
     g.add_argument("--batch-size", type=_positive(int), default=8)
     g.add_argument("--max-length", type=_positive(int), default=256, help="tokens per sample (longer ones are cut)")
+    g = p.add_argument_group("device and precision")
+    g.add_argument("--device", default="auto", help="auto (CUDA where available), cpu, cuda or cuda:N; under torchrun auto and cuda "
+                                                    "mean cuda:LOCAL_RANK")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on a GPU that supports it, else float32")
+    g.add_argument("--device-map", choices=DEVICE_MAPS, default=None,
+                   help="auto: spread a model larger than one GPU over the visible GPUs (accelerate); needs --device auto")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", action="store_true",
+                   help="4-bit NF4 with double quantisation, QLoRA's recipe (bitsandbytes: pip install 'domlora_kernels[quant]')")
+    q.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 (bitsandbytes)")
     g = p.add_argument_group("probe")
     g.add_argument("--rank", type=_positive(int), default=8)
     g.add_argument("--seed", type=int, default=0)
@@ -88,30 +104,59 @@ def _confidence(scores, args: argparse.Namespace):
     return conf
 
 
+def _records(args: argparse.Namespace) -> list[dict]:
+    """The records of ``--data`` (any format data.read_records takes) or of the shipped calibration set."""
+    from .data import load_calibration, read_records
+
+    if args.data is None:
+        given = [flag for flag, v in (("--split", args.split), ("--text-field", args.text_field),
+                                      ("--messages-field", args.messages_field)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} select(s) from --data; give --data, or drop {', '.join(given)}")
+        return load_calibration(args.tasks.split(",") if args.tasks else None)
+    if args.tasks is not None:
+        raise ValueError("--tasks selects from the shipped calibration set; drop it when giving --data")
+    return read_records(args.data, split=args.split or "train", text_field=args.text_field,
+                        messages_field=args.messages_field)
+
+
+def _batches(records: list[dict], tok, args: argparse.Namespace) -> list:
+    """make_batches, with the plain-chat fallback reported as one "note:" line instead of a warning."""
+    import warnings
+
+    from .data import ChatTemplateFallbackWarning, make_batches
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ChatTemplateFallbackWarning)
+        batches = make_batches(records, tok, args.batch_size, args.max_length)
+    for w in caught:
+        if issubclass(w.category, ChatTemplateFallbackWarning):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return batches
+
+
 def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False):
     """Load the model and data named by ``args`` and probe at the LoRA scaling of ``lora_alpha``
-    (``use_rslora``: ``alpha / sqrt(rank)``); returns ``(scores, model, tokenizer)``."""
-    import torch
+    (``use_rslora``: ``alpha / sqrt(rank)``); returns ``(scores, model, tokenizer)``.
 
-    from .data import load_calibration, make_batches, read_jsonl
+    Under torchrun, load_model puts each rank's model on its own device (``cuda:LOCAL_RANK``)."""
     from .distributed import gather_ints, rank_and_world, shard
     from .models import DEFAULT_NAME, load_model
     from .probe import page_scores
 
+    records = _records(args)  # data errors before the (slow) model load
     t0 = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                            load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     t_load = time.perf_counter() - t0
-    if args.data is not None and args.tasks is not None:
-        raise ValueError("--tasks selects from the shipped calibration set; drop it when giving --data")
-    records = read_jsonl(args.data) if args.data else load_calibration(args.tasks.split(",") if args.tasks else None)
     if args.num_samples is not None:
         records = records[: args.num_samples]
     # under torchrun each rank probes its contiguous share; page_scores merges them rank-major
     rank, world = rank_and_world()
     mine = shard(records) if world > 1 else records
-    batches = make_batches(mine, tok, args.batch_size, args.max_length) if mine else []
-    if world > 1 and torch.distributed.get_backend() == "nccl":
-        model.to(torch.device("cuda", torch.cuda.current_device()))
+    batches = _batches(mine, tok, args) if mine else []
     scores = page_scores(
         model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
         estimator=args.estimator, seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend,

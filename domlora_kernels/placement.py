@@ -515,6 +515,23 @@ def _get_peft_model(model: nn.Module, cfg: Any, adapter_name: str, expert_weight
     return pm
 
 
+def _prepare_kbit(model: nn.Module) -> None:
+    """Prepare a bitsandbytes 4-bit or 8-bit base for training as peft recommends
+    (``peft.prepare_model_for_kbit_training``): freeze every base parameter and cast the
+    non-quantised ones (norms, embeddings, head) from float16/bfloat16 to float32, so that
+    their part of the backward pass does not lose the LoRA gradient to half precision.
+
+    Gradient checkpointing, which that function switches on by default, is left off: it trades
+    a second forward for activation memory, a choice for the training run (``Trainer``'s
+    ``gradient_checkpointing=True``), not for the placement.
+    """
+    if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+        return
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: _Plan, adapter_name: str):
     """Copy the probe's A into each target's ``lora_A`` where that keeps the first-gradient identity.
 
@@ -569,6 +586,12 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
     a lower rank (the summary says "peft init"). An ``init_lora_weights`` other than peft's
     default (EVA, PiSSA, LoftQ, gaussian, ...) is kept without a warning.
 
+    A bitsandbytes 4-bit (or 8-bit) base becomes a QLoRA model: before the adapters go in, it
+    is prepared for k-bit training as peft recommends, without gradient checkpointing (see
+    ``_prepare_kbit``). Its float16/bfloat16 norms, embeddings and head are then float32: on
+    a float32 compute dtype (the CPU) nothing changes and the first-gradient identity holds
+    as in float32; on a bfloat16 one it holds to bfloat16's rounding.
+
     Args:
         model: the model that was probed (same module names), not already a PeftModel.
         scores, *args, **kwargs: the arguments of :func:`domlora_config` (``r``, ``lora_alpha``,
@@ -589,6 +612,7 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
     """
     plan = _plan_as_config(scores, args, kwargs)
     _check_model(model, scores, plan.targets)
+    _prepare_kbit(model)
     pm = _get_peft_model(model, _peft_config(plan), adapter_name, plan.expert_weights)
     layers = _adapted_layers(pm.get_base_model(), adapter_name)
     if sorted(layers) != sorted(plan.targets):

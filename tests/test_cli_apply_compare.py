@@ -177,3 +177,82 @@ def test_compare_command(tmp_path, capsys):
     c = _report([1.0, 2.0], tmp_path / "c.json", names=["x.q", "x.k"])
     assert main(["compare", str(a), str(c)]) == 2
     assert "cover different modules" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_probe_loads_on_the_device_and_dtype_asked(tiny_folder, tmp_path, capsys, dtype):
+    from domlora_kernels.cli import build_parser, run_probe
+
+    argv = ["probe", *_common(tiny_folder), "--device", "cpu", "--dtype", dtype]
+    scores, model, _ = run_probe(build_parser().parse_args(argv), lora_alpha=None)
+    assert model.dtype == getattr(torch, dtype) and {p.device.type for p in model.parameters()} == {"cpu"}
+    assert scores.num_samples == 6 and all(v > 0 for v in scores.scores.values())
+    assert main([*argv, "--out", str(tmp_path / "r.json")]) == 0
+    assert PageScores.from_json(tmp_path / "r.json").num_samples == 6
+
+
+def test_data_formats_and_fields_reach_the_probe(tiny_folder, tmp_path, capsys):
+    rows = [json.loads(line)["text"] for line in tiny_folder[1].read_text().splitlines()]
+    csv = tmp_path / "d.csv"
+    csv.write_text("id,body\n" + "".join(f"{i},{t}\n" for i, t in enumerate(rows)))
+    out = tmp_path / "r.json"
+    args = ["probe", "--model", str(tiny_folder[0]), "--data", str(csv), "--text-field", "body", "--no-progress",
+            "--resamples", "20", "--out", str(out)]
+    assert main(args) == 0
+    from_csv = PageScores.from_json(out)
+    assert main(["probe", *_common(tiny_folder), "--out", str(out)]) == 0
+    assert from_csv.num_samples == 6 and from_csv.scores == pytest.approx(PageScores.from_json(out).scores, rel=1e-6)
+
+
+def test_chat_records_without_a_template_print_a_note(tiny_folder, tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    with open(data, "w") as f:
+        for i in range(3):
+            msgs = [{"role": "user", "content": " ".join(WORDS[i : i + 4])}, {"role": "assistant", "content": " ".join(WORDS[i + 5 : i + 9])}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback is a note line, not a warning with a source line
+        assert main(["probe", "--model", str(tiny_folder[0]), "--data", str(data), "--no-progress", "--resamples", "20",
+                     "--out", str(tmp_path / "r.json")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: the tokenizer has no chat template: chat records are rendered plainly") == 1
+    assert "Warning" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--split", "test"], "--split select(s) from --data"),
+    (["--text-field", "body", "--messages-field", "m"], "--text-field, --messages-field select(s) from --data"),
+    (["--dtype", "float16", "--device-map", "auto", "--device", "cpu"], "not both"),
+])
+def test_loading_and_data_flag_errors(tiny_folder, capsys, args, message):
+    assert main(["probe", "--model", str(tiny_folder[0]), "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_asked_on_a_cpu_machine(tiny_folder, capsys):
+    assert main(["probe", *_common(tiny_folder), "--device", "cuda"]) == 2
+    assert "use --device cpu" in capsys.readouterr().err
+
+
+def test_parser_takes_one_quantisation(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["probe", "--load-in-4bit", "--load-in-8bit"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_apply_on_a_4bit_base(tiny_folder, tmp_path, capsys):
+    """`domlora apply --load-in-4bit --budget`: the QLoRA path saves an adapter that loads onto a 4-bit base."""
+    bnb = pytest.importorskip("bitsandbytes", reason="the quant extra: pip install 'domlora_kernels[quant]'")
+    from domlora_kernels.models import load_model
+
+    out = tmp_path / "adapter"
+    assert main(["apply", *_common(tiny_folder), "--load-in-4bit", "--budget", "3%", "--rank", "4", "--out-dir", str(out)]) == 0
+    placement = json.loads((out / "domlora_placement.json").read_text())
+    assert 0 < placement["trainable_params"] <= placement["budget"]
+    base, _ = load_model(tiny_folder[0], load_in_4bit=True)
+    pm = peft.PeftModel.from_pretrained(base, out)
+    layers = {n: m for n, m in pm.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert sorted(layers) == sorted(placement["ranks"])
+    assert all(isinstance(m.base_layer, bnb.nn.Linear4bit) for m in layers.values())

@@ -56,3 +56,14 @@ def test_console_script_help():
     assert r.returncode == 0 and "--projection {A,B,AB,expected}" in r.stdout
     r = subprocess.run([sys.executable, "-m", "domlora_kernels.cli", "probe", "--rank", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "must be >= 1" in r.stderr
+
+
+def test_model_name_not_in_the_cache(monkeypatch, capsys):
+    """A hub name that is not cached, with the hub out of reach: exit 2 and say how to fix it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never ask the network from a test
+    assert main(["probe", "--no-progress", "--model", "some-org/not-cached"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --model 'some-org/not-cached' is not a local path, and it is not in the local Hugging Face cache")
+    assert "hf download some-org/not-cached" in err and "HF_HUB_CACHE" in err and "Traceback" not in err
