@@ -271,6 +271,8 @@ def decode(model, render: Render, enc: list[dict], max_new: int, batch_size: int
 def train(model, enc: list[dict], pad_id: int, cfg: Cfg, lr: float, seed: int, desc: str) -> list[float]:
     """AdamW, 10% linear warm-up then linear decay to 0, grad-norm clip 1; the same item order
     for every arm at one seed. Returns each step's loss (a non-finite loss stops the run: nan)."""
+    from study import optimiser_step
+
     from tqdm import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -287,15 +289,9 @@ def train(model, enc: list[dict], pad_id: int, cfg: Cfg, lr: float, seed: int, d
             order += perm
         idx, order = order[:cfg.batch_size], order[cfg.batch_size:]
         loss = item_losses(model, collate([enc[i] for i in idx], pad_id)).mean()
-        if not torch.isfinite(loss):
-            losses.append(float("nan"))
+        losses.append(optimiser_step(loss, params, opt, sched))
+        if math.isnan(losses[-1]):
             break
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
     model.eval()
     return losses
 

@@ -218,6 +218,18 @@ def evaluate(model, tok, task: str, items: list[dict], enc: list[dict]) -> dict[
 
 
 # ------------------------------------------------------------------------------- train
+def optimiser_step(loss, params, opt, sched) -> float:
+    """One clipped AdamW step on ``loss``; its value, or nan (and no step) when it is not finite."""
+    if not torch.isfinite(loss):
+        return float("nan")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def train(model, enc: list[dict], pad_id: int, steps: int, batch_size: int, lr: float, seed: int, desc: str,
           on_step=None) -> list[float]:
     """AdamW, linear warm-up over the first 10% of steps then linear decay to 0, grad-norm clip 1.
@@ -244,15 +256,9 @@ def train(model, enc: list[dict], pad_id: int, steps: int, batch_size: int, lr: 
             order += perm
         idx, order = order[:batch_size], order[batch_size:]
         loss = target_loss(model, collate([enc[i] for i in idx], pad_id))
-        if not torch.isfinite(loss):
-            losses.append(float("nan"))
+        losses.append(optimiser_step(loss, params, opt, sched))
+        if math.isnan(losses[-1]):
             break  # a diverged run is recorded as such (nan), not retried
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
         if on_step is not None:
             on_step()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
