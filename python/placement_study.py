@@ -44,7 +44,9 @@ Usage (one family and stage per command; each stage resumes):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -544,9 +546,26 @@ class Runs:
         return f"{task}|{stage}|{arm}|{lr:.3g}|{seed}|{phase}"
 
     def add(self, r: dict) -> None:
+        """One ``write`` on an ``O_APPEND`` descriptor under an exclusive lock: several processes
+        (one task each) can share the family's file without interleaving lines."""
         self.done[r["key"]] = r
-        with open(self.path, "a") as f:
-            f.write(json.dumps(r) + "\n")
+        with _locked(self.path.with_suffix(".lock")):
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(r) + "\n").encode())
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive ``flock`` on ``path`` for the body (read-modify-write of shared files)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -656,9 +675,10 @@ def tune_lr(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], low: float) -
 # ----------------------------------------------------------------------------- stages
 def record_pick(cfg: Cfg, task: str, stage: str, arm: str, lr: float, notes: list[str]) -> None:
     path = cfg.dir / "lr_picks.json"
-    picks = json.loads(path.read_text()) if path.exists() else {}
-    picks[f"{task}|{stage}|{arm}"] = {"lr": lr, "edge_notes": notes}
-    path.write_text(json.dumps(picks, indent=1))
+    with _locked(path.with_suffix(".lock")):
+        picks = json.loads(path.read_text()) if path.exists() else {}
+        picks[f"{task}|{stage}|{arm}"] = {"lr": lr, "edge_notes": notes}
+        path.write_text(json.dumps(picks, indent=1))
 
 
 def stage_core(ctx: Ctx) -> None:
