@@ -346,20 +346,33 @@ def _in_backward() -> bool:
 class _SharedInputs:
     """Projects an input that several modules read (q/k/v, gate/up) once for all of them.
 
-    On the first batch it learns which sites are called one after another on the same input
-    tensor (the same object, unmodified); from then on the first site of such a group computes
-    ``X [A_1; A_2; ...]^T`` in one matmul and each site takes its columns: the same numbers as
-    one matmul per site, with ``X`` read once. A site whose input is not its group's (control
+    The first site of a group computes ``X [A_1; A_2; ...]^T`` in one matmul and each site takes
+    its columns: the same numbers as one matmul per site, with ``X`` read once. On the first batch
+    of a call the groups are a guess from the model's structure (sibling modules of equal input
+    width, as q/k/v and gate/up are), while the probe learns which sites are really called one
+    after another on the same input tensor (the same object, unmodified); the learned groups
+    serve every later batch. A site whose input is not its group's (a wrong guess, or control
     flow that changed) projects on its own, so a wrong guess costs time, never correctness.
+    Every call makes the same choices, so a repeated call gives bit-identical scores.
     """
 
-    def __init__(self):
+    def __init__(self, sites: list["_Site"] = ()):
         self.learning = True
         self.run: list = []  # first batch: [input, its version, sites called on it in a row]
         self.runs: list[list["_Site"]] = []
-        self.groups: dict["_Site", list["_Site"]] = {}  # first site -> its group, in call order
+        self.groups = self.guess(sites)  # first site -> its group, in call order
         self.live: tuple | None = None  # (input, version, {site: its columns of P})
         self._a: dict[tuple, torch.Tensor] = {}
+
+    @staticmethod
+    def guess(sites) -> dict["_Site", list["_Site"]]:
+        """Sibling linear sites (same parent module) of equal input width, in model order."""
+        by_parent: dict[tuple, list] = {}
+        for site in sites:
+            c = site.cand
+            if c.parameter is None:
+                by_parent.setdefault((c.name.rpartition(".")[0], c.in_features), []).append(site)
+        return {g[0]: g for g in by_parent.values() if len(g) > 1}
 
     def project(self, site: "_Site", x: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
         if self.learning:
@@ -368,7 +381,6 @@ class _SharedInputs:
             else:
                 self.run = [x, x._version, [site]]
                 self.runs.append(self.run[2])
-            return energies.project(x3, site.mat("A", x3.device, x3.dtype))
         live = self.live
         if live is not None and live[0] is x and live[1] == x._version and site in live[2]:
             return live[2].pop(site)
@@ -382,7 +394,7 @@ class _SharedInputs:
         return cols.pop(site)
 
     def _stacked(self, group: list["_Site"], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (group[0], device, dtype)
+        key = (tuple(group), device, dtype)
         if key not in self._a:
             self._a[key] = torch.cat([s.mat("A", device, dtype) for s in group])
         return self._a[key]
@@ -404,7 +416,7 @@ class _Probe:
         # (samples, rows) of the batch's tokens flattened: [B*T, n] rows are then T per sample, in order
         self.flat_views: set[tuple[int, int]] = set()
         self.anchor = torch.zeros((), requires_grad=True)
-        self.shared = _SharedInputs()
+        self.shared = _SharedInputs()  # its groups are guessed once the sites exist
 
 
 # Each rank's status row for _merge_ranks: these four columns, then one got-gradient flag per site.
@@ -654,6 +666,7 @@ def page_scores(
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = _Probe(rank, seeds, projection, estimator, scaling, backend)
     sites = [(_ExpertSite if c.parameter is not None else _Site)(c, probe) for c in candidates]
+    probe.shared = _SharedInputs(sites)
     bar = _progress_bar(batches) if progress and world_rank == 0 else None
     num_samples, num_batches, elapsed = _run_all_ranks(model, batches, sites, loss_fn, device, bar, process_group)
     if num_batches == 0:
