@@ -39,6 +39,13 @@ Usage (one family and stage per command; each stage resumes):
     python python/placement_study.py --family smollm2 --stage budget    # hours
     python python/placement_study.py --family smollm2 --stage report    # tables + plots, partial or not
     python python/placement_study.py --smoke --out /tmp/ps              # CI: a tiny Llama, end to end
+
+Two cores, two processes (one thread each), sharing one family folder (runs.jsonl is appended
+under a lock): one task each, or one set of budget arms each, e.g.
+    ... --stage core --tasks math --core-tasks math --budget-tasks ''   &
+    ... --stage core --tasks instruction --core-tasks instruction --budget-tasks '' &
+    ... --stage budget --tasks math --budget-arms page_top1,page_budget,shallow_down,random_module,lora_qv &
+    ... --stage budget --tasks math --budget-arms plop_vod,eva,kappatune,lora_all &
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ class Cfg:
     core_seeds: list[int] = field(default_factory=lambda: [0])
     budget_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     budgets: list[float] = field(default_factory=lambda: [0.007, 0.05])
+    # the arms of the budget stage (all by default); a subset lets two processes share the stage
+    budget_arms: list[str] = field(default_factory=lambda: list(BUDGET_ARMS + REFERENCE_ARMS))
     lr_single: float = 1e-3  # lowest grid point of single-module adapters (scaling alpha/r = 2)
     lr_multi: float = 1e-4  # ... and of many-module arms
     lr_grid_points: int = 4
@@ -703,8 +712,9 @@ def stage_budget(ctx: Ctx, decisions: dict) -> None:
     """Every arm that fits each budget, and the references: rate per arm, then every seed."""
     cfg = ctx.cfg
     vanilla = vanilla_params(ctx.pred)
-    arms = [(f"{a}@{b:g}", budget_arm(a, ctx.pred, int(b * vanilla), decisions)) for b in cfg.budgets for a in BUDGET_ARMS]
-    arms += [(a, budget_arm(a, ctx.pred, vanilla, decisions)) for a in REFERENCE_ARMS]
+    arms = [(f"{a}@{b:g}", budget_arm(a, ctx.pred, int(b * vanilla), decisions))
+            for b in cfg.budgets for a in BUDGET_ARMS if a in cfg.budget_arms]
+    arms += [(a, budget_arm(a, ctx.pred, vanilla, decisions)) for a in REFERENCE_ARMS if a in cfg.budget_arms]
     for seed in cfg.budget_seeds:  # the base model's metric on each seed's items (its loss is seed-free)
         one_run(ctx, "core", "base", {}, 0.0, seed, "test")
     for arm, ranks in arms:
@@ -775,8 +785,9 @@ def plan_runs(cfg: Cfg) -> list[dict]:
         # rank-8 modules of mean size the budget buys
         mean_unit = vanilla / len(mods)
         arms = [budget_arm(a, pred, int(b * vanilla), decisions) if decisions or a not in ("page_budget", "eva", "kappatune")
-                else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS]
-        arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS]
+                else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS
+                if a in cfg.budget_arms]
+        arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS if a in cfg.budget_arms]
         for ranks in arms:
             if isinstance(ranks, dict):
                 k = ranks.get("?", len(ranks))
@@ -906,16 +917,20 @@ def parse(argv=None) -> tuple[Cfg, list[str], bool]:
     ap.add_argument("--cost-scale", type=float, default=1.0,
                     help="--plan: multiply cost.json's CPU seconds by this (cost.json measured on a loaded machine)")
     ap.add_argument("--budgets", type=_csv(float), default=[0.007, 0.05], help="fractions of vanilla LoRA r=8")
+    ap.add_argument("--budget-arms", type=_csv(str), default=list(BUDGET_ARMS + REFERENCE_ARMS),
+                    help="the arms of the budget stage (default all); disjoint subsets let processes share the stage")
     a = ap.parse_args(argv)
     stages = list(STAGES) if a.stage == ["all"] else a.stage
     bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks + a.core_tasks + a.budget_tasks
                                                           if t not in study_tasks.TASKS]
+    bad += [arm for arm in a.budget_arms if arm not in BUDGET_ARMS + REFERENCE_ARMS]
     if bad:
-        ap.error(f"unknown {bad}; stages: {', '.join(STAGES)}; tasks: {', '.join(study_tasks.TASKS)}")
+        ap.error(f"unknown {bad}; stages: {', '.join(STAGES)}; tasks: {', '.join(study_tasks.TASKS)}; "
+                 f"budget arms: {', '.join(BUDGET_ARMS + REFERENCE_ARMS)}")
     if min(a.steps, a.batch_size, a.n_val, a.n_test, a.n_metric, a.n_probe, a.lr_grid_points) < 1:
         ap.error("--steps, --batch-size, --n-val, --n-test, --n-metric, --n-probe and --lr-grid-points must be >= 1")
     cfg = Cfg(family=a.family, out=a.out, tasks=a.tasks, core_tasks=a.core_tasks, budget_tasks=a.budget_tasks, core_seeds=a.core_seeds,
-              budget_seeds=a.budget_seeds, budgets=a.budgets, cost_scale=a.cost_scale, **{k: getattr(a, k) for k in SIZES})
+              budget_seeds=a.budget_seeds, budgets=a.budgets, budget_arms=a.budget_arms, cost_scale=a.cost_scale, **{k: getattr(a, k) for k in SIZES})
     return (smoke_cfg(cfg) if a.smoke else cfg), (list(STAGES) if a.smoke else stages), a.plan
 
 
