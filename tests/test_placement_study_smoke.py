@@ -148,3 +148,34 @@ def test_a_resumed_study_keeps_its_sizes_and_seed_pool(tmp_path):
         ps.check_sizes(ps.replace(cfg, n_test=100))
     with pytest.raises(ValueError, match="seeds must be in 0..2"):
         ps.make_data("math", cfg, None, [0, 3])
+
+
+def test_budget_arms_select_a_subset_and_unknown_arms_are_refused(tmp_path, capsys):
+    cfg, _, _ = ps.parse(["--stage", "budget", "--budget-arms", "eva,lora_all", "--out", str(tmp_path)])
+    assert cfg.budget_arms == ["eva", "lora_all"]
+    cfg, _, _ = ps.parse(["--stage", "budget", "--budget-arms="])  # none: decisions and base runs only
+    assert cfg.budget_arms == []
+    with pytest.raises(SystemExit):
+        ps.parse(["--budget-arms", "page_top1,bogus"])
+    assert "unknown ['bogus']" in capsys.readouterr().err
+    # the plan counts only the selected arms: 4 grid runs + 3 seeds per arm and budget
+    fam = tmp_path / "smollm2"
+    fam.mkdir()
+    (fam / "predictors_math.json").write_text(json.dumps(_pred(SMOLLM2, 30)))
+    base = dict(tasks=["math"], core_tasks=[], budget_tasks=["math"])
+    every = ps.plan_runs(ps.Cfg(family="smollm2", out=tmp_path, **base))
+    two = ps.plan_runs(ps.Cfg(family="smollm2", out=tmp_path, budget_arms=["shallow_down", "lora_qv"], **base))
+    base_runs = 3  # the base model's metric on each seed's items
+    assert len(two) == base_runs + (2 + 1) * (4 + 3)  # shallow_down at 2 budgets, lora_qv once
+    assert len(every) > len(two)
+
+
+def test_two_processes_append_to_one_runs_file_without_mixing_lines(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'python')!r}); import placement_study as ps; "
+            f"from pathlib import Path; r = ps.Runs(Path({str(path)!r})); w = sys.argv[1]; "
+            "[r.add({'key': f'{w}{i}', 'pad': w * 20000}) for i in range(40)]")
+    procs = [subprocess.Popen([sys.executable, "-c", code, w]) for w in "ab"]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 80 and sorted(json.loads(x)["key"] for x in lines) == sorted(f"{w}{i}" for w in "ab" for i in range(40))
