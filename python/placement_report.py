@@ -96,14 +96,18 @@ def core_rows(runs: list[dict], preds: dict[str, dict]) -> dict[str, list[dict]]
         base_loss = np.asarray(base[0]["test_losses"])
         base_metric = {r["seed"]: np.mean(r["metric_scores"]) for r in base}
         rows = []
+        total = sum(m["page"] for m in pred["modules"].values())
         for name, m in pred["modules"].items():
             rs = [r for r in runs if r["task"] == task and r["stage"] == "core" and r["arm"] == name and r["phase"] == "test"]
             if not rs:
                 continue
             drop = float(np.mean([np.mean(base_loss - np.asarray(r["test_losses"])) for r in rs]))
+            # its 95% CI over the held-out items (seeds, then items), paired with the base model
+            drop_ci = paired_ci({r["seed"]: base_loss for r in rs}, {r["seed"]: r["test_losses"] for r in rs})
             gains = [np.mean(r["metric_scores"]) - base_metric[r["seed"]] for r in rs if r["seed"] in base_metric]
-            rows.append({"module": name, "loss_drop": drop, "metric_gain": float(np.mean(gains)) if gains else float("nan"),
+            rows.append({"module": name, "loss_drop": drop, "loss_drop_ci": drop_ci[1:], "metric_gain": float(np.mean(gains)) if gains else float("nan"),
                          "seeds": [r["seed"] for r in rs], "params": rs[0]["params"], "lr": rs[0]["lr"],
+                         "ranks": rs[0]["ranks"], "type": m["type"], "layer": m["layer"], "share": m["page"] / total,
                          **{p: float(m[p]) for p in PREDICTORS}, "page_rank": m["page_rank"]})
         out[task] = rows
     return out
@@ -124,6 +128,20 @@ def correlation_table(family: str, rows: dict[str, list[dict]]) -> tuple[list[st
             out.append({"task": task, "predictor": p, "loss_drop": cl, "metric_gain": cm, "n": len(rs)})
             lines.append(f"| {family} | {task} | {PREDICTOR_NAMES[p]} | {_fmt(cl)} | {_fmt(cm)} | {len(rs)} |")
     return lines, out
+
+
+def core_module_lines(family: str, rows: dict[str, list[dict]]) -> list[str]:
+    """One row per core module, by PAGE rank: what it got and what it gave."""
+    lines = ["| family | task | module | PAGE rank | PAGE share | type | layer | LoRA rank | lr | held-out loss drop [95% CI] "
+             "| metric gain |", "|---|---|---|---:|---:|---|---:|---:|---:|---|---:|"]
+    for task, rs in rows.items():
+        for r in sorted(rs, key=lambda r: r["page_rank"]):
+            lo, hi = r["loss_drop_ci"]
+            rank = max(r["ranks"].values()) if r.get("ranks") else "-"
+            lines.append(f"| {family} | {task} | {r['module']} | {r['page_rank']} | {r['share']:.3f} | {r['type']} | "
+                         f"{r['layer']} | {rank} | {r['lr']:.3g} | {r['loss_drop']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                         f"{r['metric_gain']:+.3f} |")
+    return lines
 
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -253,7 +271,10 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False)
     (fam_dir / "correlation.md").write_text("\n".join(head + [
         "Core test: single-module adapters at equal parameters; outcome = mean per-item drop of the held-out loss "
         "(base minus adapted), and task-metric gain over the base model; CI: bootstrap over modules.", ""]
-        + clines + [""] + lr_edge_lines(fam_dir)) + "\n")
+        + clines + ["", "## The core modules", "",
+                    "Held-out loss drop: mean over the test items of base minus adapted loss, its CI a bootstrap over "
+                    "the items; metric gain: the adapted model's task metric minus the base model's, same items.", ""]
+        + core_module_lines(family, crow) + [""] + lr_edge_lines(fam_dir)) + "\n")
     brows = budget_rows(runs)
     (fam_dir / "budget.md").write_text("\n".join(head + [
         "Equal budgets (arm@fraction of vanilla LoRA r=8) and references; Δ = arm minus the other, paired on "

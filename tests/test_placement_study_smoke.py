@@ -131,6 +131,8 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
     corr = (fam / "correlation.md").read_text()
     for name in placement_report.PREDICTOR_NAMES.values():
         assert f"| tiny | math | {name} |" in corr
+    module_rows = [x for x in corr.split("## The core modules")[1].splitlines() if x.startswith("| tiny | math | model.")]
+    assert len(module_rows) == len(ps.core_modules(pred))  # one row per core module, with its CI
     table = (fam / "budget.md").read_text()
     assert "| tiny | math | page_budget@0.08 |" in table and "| tiny | math | lora_all |" in table
     assert "Status: complete" in table
