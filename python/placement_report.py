@@ -139,7 +139,7 @@ def core_module_lines(family: str, rows: dict[str, list[dict]]) -> list[str]:
             lo, hi = r["loss_drop_ci"]
             rank = max(r["ranks"].values()) if r.get("ranks") else "-"
             lines.append(f"| {family} | {task} | {r['module']} | {r['page_rank']} | {r['share']:.3f} | {r['type']} | "
-                         f"{r['layer']} | {rank} | {r['lr']:.3g} | {r['loss_drop']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                         f"{int(r['layer'])} | {rank} | {r['lr']:.3g} | {r['loss_drop']:.3f} [{lo:.3f}, {hi:.3f}] | "
                          f"{r['metric_gain']:+.3f} |")
     return lines
 
@@ -245,7 +245,7 @@ def plot(fam_dir: Path, rows: dict[str, list[dict]]) -> Path | None:
 def lr_edge_lines(fam_dir: Path) -> list[str]:
     path = fam_dir / "lr_picks.json"
     picks = json.loads(path.read_text()) if path.exists() else {}
-    notes = [f"- {k}: {n}" for k, v in picks.items() for n in v["edge_notes"]]
+    notes = [f"- {k}: {'; '.join(v['edge_notes'])}; final rate {v['lr']:.3g}" for k, v in picks.items() if v["edge_notes"]]
     return ["## Learning-rate picks at a grid edge (the grid was extended there)", ""] + (notes or ["- none"])
 
 
