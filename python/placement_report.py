@@ -137,7 +137,7 @@ def core_module_lines(family: str, rows: dict[str, list[dict]]) -> list[str]:
     for task, rs in rows.items():
         for r in sorted(rs, key=lambda r: r["page_rank"]):
             lo, hi = r["loss_drop_ci"]
-            rank = max(r["ranks"].values()) if r.get("ranks") else "-"
+            rank = r["ranks"][r["module"]]  # a core run adapts only its module
             lines.append(f"| {family} | {task} | {r['module']} | {r['page_rank']} | {r['share']:.3f} | {r['type']} | "
                          f"{int(r['layer'])} | {rank} | {r['lr']:.3g} | {r['loss_drop']:.3f} [{lo:.3f}, {hi:.3f}] | "
                          f"{r['metric_gain']:+.3f} |")
