@@ -4,7 +4,9 @@
 # python/results/placement/FAMILY/runs.jsonl). Two processes of one thread each share the family's
 # folder where the work splits cleanly: the core test one task each, the budget stage one half of
 # the arms each (after the decisions and the base model's runs, which both halves need, are made
-# once). Progress: FAMILY/log.txt and each process's tqdm bars on stderr.
+# once). Each half is a queue of (arms, budgets) calls in the order of what matters most to the
+# study's questions (the 0.7% arms and vanilla LoRA first), so that a study cut short by the
+# clock has its most important comparisons. Progress: FAMILY/log.txt and tqdm bars on stderr.
 #
 #     bash python/placement_all.sh smollm2        # or gemma3
 #
@@ -17,8 +19,11 @@ PY=${PYTHON:-.venv/bin/python}
 STUDY=(python/placement_study.py --family "$FAMILY" "$@")
 CORE_TASKS=(math instruction)
 BUDGET_TASK=math
-HALF_A=page_top1,page_budget,shallow_down,random_module,lora_qv
-HALF_B=plop_vod,eva,kappatune,lora_all
+# "arms:budgets" per call; the two queues have about equal predicted hours (--plan)
+QUEUE_A=(page_top1:0.007 lora_all:0.007 page_budget:0.007 shallow_down:0.007 page_budget:0.05 lora_qv:0.007
+         page_top1:0.05 shallow_down:0.05)
+QUEUE_B=(eva:0.007 random_module:0.007 kappatune:0.007 plop_vod:0.05 eva:0.05 kappatune:0.05 random_module:0.05
+         plop_vod:0.007)
 
 run_pair() {  # two stage commands in parallel; fail if either fails
     "$PY" "${STUDY[@]}" $1 & local a=$!
@@ -33,6 +38,16 @@ run_pair() {  # two stage commands in parallel; fail if either fails
 run_pair "--stage core --tasks ${CORE_TASKS[0]} --core-tasks ${CORE_TASKS[0]} --budget-tasks=" \
          "--stage core --tasks ${CORE_TASKS[1]} --core-tasks ${CORE_TASKS[1]} --budget-tasks="
 "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-arms=
-run_pair "--stage budget --tasks $BUDGET_TASK --budget-arms $HALF_A" \
-         "--stage budget --tasks $BUDGET_TASK --budget-arms $HALF_B"
+queue() {  # one budget call per "arms:budgets" entry, in order
+    local e
+    for e in "$@"; do
+        "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-arms "${e%%:*}" --budgets "${e##*:}"
+    done
+}
+queue "${QUEUE_A[@]}" & qa=$!
+queue "${QUEUE_B[@]}" & qb=$!
+rc=0
+wait $qa || rc=$?
+wait $qb || rc=$?
+[ $rc -eq 0 ]
 "$PY" "${STUDY[@]}" --stage report

@@ -246,7 +246,10 @@ def lr_edge_lines(fam_dir: Path) -> list[str]:
     path = fam_dir / "lr_picks.json"
     picks = json.loads(path.read_text()) if path.exists() else {}
     notes = [f"- {k}: {'; '.join(v['edge_notes'])}; final rate {v['lr']:.3g}" for k, v in picks.items() if v["edge_notes"]]
-    return ["## Learning-rate picks at a grid edge (the grid was extended there)", ""] + (notes or ["- none"])
+    core = [f"- {k}: {v['lr']:.3g}" for k, v in picks.items() if v.get("from") == "core"]
+    return (["## Learning-rate picks at a grid edge (the grid was extended there)", ""] + (notes or ["- none"])
+            + ["", "## Budget arms that took their module type's core-stage rate (same module budget, no grid of "
+               "their own)", ""] + (core or ["- none"]))
 
 
 def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False) -> dict:

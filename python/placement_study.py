@@ -22,7 +22,10 @@ the four generated task families of :mod:`study_tasks`:
 
 Learning rates: a log-spaced grid (``--lr-grid-points``, half a decade apart) tuned on the
 validation loss, per module type (core) or per arm (budget), with seed 0; a pick at a grid edge
-extends the grid there (up to ``--max-extend`` points) and is reported.
+extends the grid there (up to ``--max-extend`` points) and is reported. A budget arm's grid starts
+at ``--lr-single`` when it adapts at most a tenth of the candidates, else at ``--lr-multi``; a
+single-module budget arm at the core budget whose type the core stage tuned on that task takes
+that rate (the same adapter size on the same validation split) and is listed as such.
 
 Default cut (``--core-tasks``, ``--budget-tasks`` widen it): the core test on maths and
 instruction, the budgets on maths; the probe runs on all four tasks. ``--plan`` prints the runs
@@ -682,11 +685,12 @@ def tune_lr(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], low: float) -
 
 
 # ----------------------------------------------------------------------------- stages
-def record_pick(cfg: Cfg, task: str, stage: str, arm: str, lr: float, notes: list[str]) -> None:
+def record_pick(cfg: Cfg, task: str, stage: str, arm: str, lr: float, notes: list[str], source: str = "grid") -> None:
+    """``source``: "grid" (tuned here) or "core" (its module type's core-stage rate)."""
     path = cfg.dir / "lr_picks.json"
     with _locked(path.with_suffix(".lock")):
         picks = json.loads(path.read_text()) if path.exists() else {}
-        picks[f"{task}|{stage}|{arm}"] = {"lr": lr, "edge_notes": notes}
+        picks[f"{task}|{stage}|{arm}"] = {"lr": lr, "edge_notes": notes, "from": source}
         path.write_text(json.dumps(picks, indent=1))
 
 
@@ -708,6 +712,30 @@ def stage_core(ctx: Ctx) -> None:
             one_run(ctx, "core", n, single(n, mods, budget), rate[mods[n]["type"]], seed, "test")
 
 
+def grid_low(cfg: Cfg, ranks: dict[str, int], n_modules: int) -> float:
+    """Where an arm's rate grid starts: at ``--lr-single`` for an arm on at most a tenth of the
+    candidate modules (it trains like a single module: the core stage's picks sit at 1e-2 to
+    3e-2), at ``--lr-multi`` for the wide arms (v/o/down everywhere, lora_qv, vanilla LoRA)."""
+    return cfg.lr_single if len(ranks) <= max(1, n_modules // 10) else cfg.lr_multi
+
+
+def core_rate(picks: dict, task: str, arm: str, ranks: dict[str, int], mods: dict, core_budget: int):
+    """``(rate, [])`` for a single-module arm at the core test's budget whose module type the
+    core stage tuned on this task (same budget, same rank rule, same validation split: tuning it
+    again would repeat that grid); None otherwise. An arm that already tuned its own grid keeps
+    its pick (the grid's runs are in runs.jsonl)."""
+    own = picks.get(f"{task}|budget|{arm}")
+    if len(ranks) != 1 or (own is not None and own.get("from", "grid") == "grid"):
+        return None
+    (name, r), = ranks.items()
+    if r != single(name, mods, core_budget)[name]:
+        return None
+    got = picks.get(f"{task}|core|{mods[name]['type']}")
+    if got is None:
+        return None
+    return got["lr"], []
+
+
 def stage_budget(ctx: Ctx, decisions: dict) -> None:
     """Every arm that fits each budget, and the references: rate per arm, then every seed."""
     cfg = ctx.cfg
@@ -717,13 +745,18 @@ def stage_budget(ctx: Ctx, decisions: dict) -> None:
     arms += [(a, budget_arm(a, ctx.pred, vanilla, decisions)) for a in REFERENCE_ARMS if a in cfg.budget_arms]
     for seed in cfg.budget_seeds:  # the base model's metric on each seed's items (its loss is seed-free)
         one_run(ctx, "core", "base", {}, 0.0, seed, "test")
+    picks = json.loads((cfg.dir / "lr_picks.json").read_text()) if (cfg.dir / "lr_picks.json").exists() else {}
     for arm, ranks in arms:
         if isinstance(ranks, str):
             ctx.log(f"[{ctx.task}] {arm} skipped: {ranks}")
             continue
-        low = cfg.lr_single if len(ranks) == 1 else cfg.lr_multi
-        lr, notes = tune_lr(ctx, "budget", arm, ranks, low)
-        record_pick(cfg, ctx.task, "budget", arm, lr, notes)
+        core = core_rate(picks, ctx.task, arm, ranks, ctx.pred["modules"], int(cfg.budgets[0] * vanilla))
+        if core is not None:
+            (lr, notes), source = core, "core"
+        else:
+            lr, notes = tune_lr(ctx, "budget", arm, ranks, grid_low(cfg, ranks, len(ctx.pred["modules"])))
+            source = "grid"
+        record_pick(cfg, ctx.task, "budget", arm, lr, notes, source)
         for seed in cfg.budget_seeds:
             one_run(ctx, "budget", arm, ranks, lr, seed, "test")
 
@@ -788,11 +821,16 @@ def plan_runs(cfg: Cfg) -> list[dict]:
                 else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS
                 if a in cfg.budget_arms]
         arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS if a in cfg.budget_arms]
+        core_budget = int(cfg.budgets[0] * vanilla)
         for ranks in arms:
             if isinstance(ranks, dict):
                 k = ranks.get("?", len(ranks))
-                runs += [{"task": task, "stage": "budget", "phase": "val", "k": k}] * cfg.lr_grid_points
-                reused = int(0 in cfg.budget_seeds)  # the seed-0 test run loads the grid's adapter
+                # a single module at the core budget takes its type's core rate (no grid), if the
+                # core stage ran on this task
+                own = not (task in cfg.core_tasks and k == 1 and "?" not in ranks
+                           and ranks == single(next(iter(ranks)), mods, core_budget))
+                runs += [{"task": task, "stage": "budget", "phase": "val", "k": k}] * (cfg.lr_grid_points * own)
+                reused = int(0 in cfg.budget_seeds and own)  # the seed-0 test run loads the grid's adapter
                 runs += [{"task": task, "stage": "budget", "phase": "test", "k": k}] * (len(cfg.budget_seeds) - reused)
                 runs += [{"task": task, "stage": "budget", "phase": "test", "k": 0}] * reused
     return runs

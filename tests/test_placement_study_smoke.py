@@ -82,6 +82,30 @@ def test_fill_order_gives_the_rest_to_the_first_module_that_does_not_fit():
     assert ps.fill_order(["a", "b", "c"], mods, 75, {"a": 2, "b": 8, "c": 8}) == {"a": 2, "b": 3}
 
 
+def test_budget_rates_reuse_the_core_pick_only_for_the_same_single_adapter():
+    pred = _pred(SMOLLM2, 30)
+    mods = pred["modules"]
+    core = int(0.007 * ps.vanilla_params(pred))
+    picks = {"math|core|down_proj": {"lr": 0.01, "edge_notes": []}}
+    down = "model.layers.2.mlp.down_proj"
+    lr, notes = ps.core_rate(picks, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core)
+    assert lr == 0.01 and notes == []
+    # another budget (another rank), another task, another type, or an arm that tuned its own grid: no reuse
+    assert ps.core_rate(picks, "math", "shallow_down@0.05", ps.single(down, mods, 7 * core), mods, core) is None
+    assert ps.core_rate(picks, "chat", "shallow_down@0.007", ps.single(down, mods, core), mods, core) is None
+    up = "model.layers.2.mlp.up_proj"
+    assert ps.core_rate(picks, "math", "x@0.007", ps.single(up, mods, core), mods, core) is None
+    own = {**picks, "math|budget|shallow_down@0.007": {"lr": 0.03, "edge_notes": []}}
+    assert ps.core_rate(own, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core) is None
+    again = {**picks, "math|budget|shallow_down@0.007": {"lr": 0.01, "edge_notes": notes, "from": "core"}}
+    assert ps.core_rate(again, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core)[0] == 0.01
+    two = {down: 4, up: 4}
+    assert ps.core_rate(picks, "math", "x@0.007", two, mods, core) is None
+    cfg = ps.Cfg(family="smollm2", out=Path("unused"))
+    assert ps.grid_low(cfg, two, len(mods)) == cfg.lr_single  # 2 of 210 modules: a narrow arm
+    assert ps.grid_low(cfg, {n: 8 for n in list(mods)[:22]}, len(mods)) == cfg.lr_multi
+
+
 def test_paired_ci_and_spearman():
     a = {0: [1.0, 2.0, 3.0], 1: [2.0, 3.0, 4.0]}
     est, lo, hi = placement_report.paired_ci(a, {s: [x - 0.5 for x in v] for s, v in a.items()})
