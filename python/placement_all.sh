@@ -18,7 +18,12 @@ shift || true
 PY=${PYTHON:-.venv/bin/python}
 STUDY=(python/placement_study.py --family "$FAMILY" "$@")
 CORE_TASKS=(math instruction)
-BUDGET_TASK=math
+# The budgets run on instruction: on maths every module but q/k reached the same loss drop in the
+# core test (1.42-1.44), so placements cannot differ there; on instruction they ranged 0.8-1.7.
+# Every instruction core pick was >= 1e-2, so the budget grids of narrow arms start half a decade
+# above the core's (3.16e-3 .. 1e-1) instead of spending a run on 1e-3 and one on an extension.
+BUDGET_TASK=${BUDGET_TASK:-instruction}
+BUDGET_LR=(--lr-single 0.00316)
 # "arms:budgets" per call; the two queues have about equal predicted hours (--plan)
 QUEUE_A=(page_top1:0.007 lora_all:0.007 page_budget:0.007 shallow_down:0.007 page_budget:0.05 lora_qv:0.007
          page_top1:0.05 shallow_down:0.05)
@@ -37,11 +42,11 @@ run_pair() {  # two stage commands in parallel; fail if either fails
 "$PY" "${STUDY[@]}" --stage probe
 run_pair "--stage core --tasks ${CORE_TASKS[0]} --core-tasks ${CORE_TASKS[0]} --budget-tasks=" \
          "--stage core --tasks ${CORE_TASKS[1]} --core-tasks ${CORE_TASKS[1]} --budget-tasks="
-"$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-arms=
+"$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms=
 queue() {  # one budget call per "arms:budgets" entry, in order
     local e
     for e in "$@"; do
-        "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-arms "${e%%:*}" --budgets "${e##*:}"
+        "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms "${e%%:*}" --budgets "${e##*:}"
     done
 }
 queue "${QUEUE_A[@]}" & qa=$!

@@ -184,6 +184,13 @@ def test_budget_arms_select_a_subset_and_unknown_arms_are_refused(tmp_path, caps
     with pytest.raises(SystemExit):
         ps.parse(["--budget-arms", "page_top1,bogus"])
     assert "unknown ['bogus']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a budget call on no budget task would silently do nothing
+        ps.parse(["--stage", "budget", "--tasks", "math", "--budget-tasks", "instruction"])
+    assert "add the task there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ps.parse(["--lr-single", "0"])
+    assert "must be > 0" in capsys.readouterr().err
+    assert ps.parse(["--lr-single", "0.00316"])[0].lr_single == 0.00316
     # the plan counts only the selected arms: 4 grid runs + 3 seeds per arm and budget
     fam = tmp_path / "smollm2"
     fam.mkdir()
