@@ -603,6 +603,12 @@ def one_run(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], lr: float, se
     key = Runs.key(ctx.task, stage, arm, lr, seed, phase)
     if key in ctx.runs.done:
         return ctx.runs.done[key]
+    same = same_core_run(ctx, stage, ranks, lr, seed, phase)
+    if same is not None:  # a single-module budget arm the core test already trained: same run, same numbers
+        r = {**same, "key": key, "stage": stage, "arm": arm, "same_as": same["key"]}
+        ctx.runs.add(r)
+        ctx.log(f"[{ctx.task}] {stage}/{arm} lr={lr:.3g} seed={seed} {phase}: the core run {same['key']}")
+        return r
     cfg, pad = ctx.cfg, ctx.render.tok.pad_token_id
     t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()[0]
     model = ctx.base if arm == "base" else build(ctx.base, ranks, seed)
@@ -631,6 +637,16 @@ def one_run(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], lr: float, se
             f"loss={mean(r.get('val_losses') or r['test_losses']):.4f}"
             + (f" metric={mean(r['metric_scores']):.3f}" if phase == "test" else "") + f" wall {r['wall_s']:.0f}s")
     return r
+
+
+def same_core_run(ctx: Ctx, stage: str, ranks: dict[str, int], lr: float, seed: int, phase: str) -> dict | None:
+    """The finished core run that a budget run would repeat exactly (one module at the same rank,
+    rate, seed and phase: training is deterministic given those), or None."""
+    if stage != "budget" or len(ranks) != 1:
+        return None
+    (name, _), = ranks.items()
+    r = ctx.runs.done.get(Runs.key(ctx.task, "core", name, lr, seed, phase))
+    return r if r is not None and r["ranks"] == ranks else None
 
 
 def _state_path(ctx: Ctx, stage: str, arm: str, lr: float) -> Path:

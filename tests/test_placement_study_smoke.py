@@ -149,6 +149,16 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
     base = next(r for r in runs if r["arm"] == "base")
     assert all(sum(r["test_losses"]) != sum(base["test_losses"]) for r in trained)  # training moved the loss
 
+    # a single-module budget arm at the core budget and its type's core rate repeats a core run
+    # exactly (on SmolLM2, maths, the two were trained apart and agree bit for bit): it is copied
+    reused = [r for r in runs if r.get("same_as")]
+    assert reused and all(r["stage"] == "budget" and r["seed"] == 0 and len(r["ranks"]) == 1 for r in reused)
+    by_key = {r["key"]: r for r in runs}
+    for r in reused:
+        core_run = by_key[r["same_as"]]
+        assert core_run["stage"] == "core" and core_run["ranks"] == r["ranks"] and core_run["lr"] == r["lr"]
+        assert core_run["test_losses"] == r["test_losses"]
+
     _smoke(out)  # resume: every run is found finished
     assert (fam / "runs.jsonl").read_text().splitlines() == lines
 
