@@ -9,6 +9,7 @@ of one family (see ``placement_study.py``) and writes into the same folder:
   paired difference from PAGE's budgeted placement at the same budget and from vanilla LoRA
   (95% CI of a bootstrap over seeds, then items: the same items for both arms);
 - ``predictors_vs_outcome.png``: each predictor against the loss drop, per task;
+- ``budget.png``: each equal-budget arm's loss drop with its CI, vanilla LoRA's as a band;
 - ``report.json``: every number of the tables.
 
 ``combine(OUT)`` then joins the families' tables into ``OUT/correlation.md`` and ``OUT/budget.md``
@@ -215,6 +216,45 @@ def budget_table(family: str, rows: list[dict], vanilla_params: int | None) -> l
     return lines
 
 
+def plot_budget(fam_dir: Path, rows: list[dict]) -> Path | None:
+    """``budget.png``: each arm's held-out loss drop with its 95% CI, one panel per task, arms
+    grouped by budget; vanilla LoRA's CI as a grey band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    if not tasks:
+        return None
+    order = lambda r: (float(r["budget"]) if r["budget"] else float("inf"), -r["loss_drop"][0])  # noqa: E731
+    per = {t: sorted((r for r in rows if r["task"] == t), key=order) for t in tasks}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 0.9 + 0.32 * max(map(len, per.values()))),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rs = per[task]
+        y = np.arange(len(rs))[::-1]
+        est = np.array([r["loss_drop"][0] for r in rs])
+        lo, hi = np.array([r["loss_drop"][1] for r in rs]), np.array([r["loss_drop"][2] for r in rs])
+        colors = [{"0.007": "tab:blue", "0.05": "tab:orange"}.get(r["budget"], "black") for r in rs]
+        for k in range(len(rs)):
+            ax.errorbar(est[k], y[k], xerr=[[est[k] - lo[k]], [hi[k] - est[k]]], fmt="none", ecolor=colors[k], capsize=3)
+        ax.scatter(est, y, c=colors, zorder=3, s=18)
+        van = next((r for r in rs if r["arm"] == "lora_all"), None)
+        if van is not None:
+            ax.axvspan(van["loss_drop"][1], van["loss_drop"][2], color="grey", alpha=0.25, lw=0)
+        ax.set_yticks(y)
+        ax.set_yticklabels([f"{r['arm']} ({100 * r['params'] / van['params']:.3g}%, {len(r['seeds'])} seeds)"
+                            if van else r["arm"] for r in rs], fontsize=8)
+        ax.set_xlabel("held-out loss drop (base minus adapted), 95% CI", fontsize=8)
+        ax.set_title(f"{fam_dir.name}, {task}: blue 0.7%, orange 5%, black references; band: vanilla LoRA", fontsize=8)
+    fig.tight_layout()
+    path = fam_dir / "budget.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot(fam_dir: Path, rows: dict[str, list[dict]]) -> Path | None:
     import matplotlib
 
@@ -283,6 +323,7 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False)
         "Equal budgets (arm@fraction of vanilla LoRA r=8) and references; Δ = arm minus the other, paired on "
         "seeds and items (bootstrap over seeds, then items).", ""] + budget_table(family, brows, vanilla)) + "\n")
     plot(fam_dir, crow)
+    plot_budget(fam_dir, brows)
     report = {"family": family, "status": status, "runs": done, "correlation": cnums, "budget": brows,
               "core_rows": crow}
     (fam_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))

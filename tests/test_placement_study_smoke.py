@@ -171,6 +171,7 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
     assert "| tiny | math | page_budget@0.08 |" in table and "| tiny | math | lora_all |" in table
     assert "Status: complete" in table
     assert (fam / "predictors_vs_outcome.png").stat().st_size > 1000
+    assert (fam / "budget.png").stat().st_size > 1000
     report = json.loads((fam / "report.json").read_text())
     assert len(report["correlation"]) == len(placement_report.PREDICTORS)
 
