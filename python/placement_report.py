@@ -171,9 +171,17 @@ def probe_lines(family: str, preds: dict[str, dict]) -> list[str]:
     return lines
 
 
-def budget_rows(runs: list[dict]) -> list[dict]:
-    """One row per (task, budget arm or reference) with finished test runs."""
-    test = [r for r in runs if r["stage"] == "budget" and r["phase"] == "test"]
+def budget_rows(runs: list[dict], picks: dict | None = None) -> list[dict]:
+    """One row per (task, budget arm or reference) with finished test runs; where ``picks``
+    (``lr_picks.json``) names the arm's rate, only the runs at that rate (a test run at an
+    earlier pick, kept in runs.jsonl, is not mixed in)."""
+    picks = picks or {}
+
+    def at_pick(r: dict) -> bool:
+        got = picks.get(f"{r['task']}|budget|{r['arm']}")
+        return got is None or f"{got['lr']:.3g}" == f"{r['lr']:.3g}"
+
+    test = [r for r in runs if r["stage"] == "budget" and r["phase"] == "test" and at_pick(r)]
     base = {r["task"]: r for r in runs if r["arm"] == "base" and r["phase"] == "test"}
     base_metric = {(r["task"], r["seed"]): r["metric_scores"] for r in runs if r["arm"] == "base" and r["phase"] == "test"}
     groups: dict[tuple, list[dict]] = {}
@@ -318,7 +326,8 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False)
                     "Held-out loss drop: mean over the test items of base minus adapted loss, its CI a bootstrap over "
                     "the items; metric gain: the adapted model's task metric minus the base model's, same items.", ""]
         + core_module_lines(family, crow) + [""] + lr_edge_lines(fam_dir)) + "\n")
-    brows = budget_rows(runs)
+    picks_path = fam_dir / "lr_picks.json"
+    brows = budget_rows(runs, json.loads(picks_path.read_text()) if picks_path.exists() else {})
     (fam_dir / "budget.md").write_text("\n".join(head + [
         "Equal budgets (arm@fraction of vanilla LoRA r=8) and references; Δ = arm minus the other, paired on "
         "seeds and items (bootstrap over seeds, then items).", ""] + budget_table(family, brows, vanilla)) + "\n")

@@ -113,6 +113,7 @@ class Cfg:
     core_seeds: list[int] = field(default_factory=lambda: [0])
     budget_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     budgets: list[float] = field(default_factory=lambda: [0.007, 0.05])
+    core_budget: float = 0.007  # the core test's adapters, as a fraction of vanilla LoRA r=8
     # the arms of the budget stage (all by default); a subset lets two processes share the stage
     budget_arms: list[str] = field(default_factory=lambda: list(BUDGET_ARMS + REFERENCE_ARMS))
     lr_single: float = 1e-3  # lowest grid point of single-module adapters (scaling alpha/r = 2)
@@ -133,7 +134,7 @@ def smoke_cfg(cfg: Cfg) -> Cfg:
     # one budget of 8% (655 parameters): the tiny model's rank units (48-96 parameters) are too
     # coarse for 0.7%, its v_proj caps at rank 16 (768), and v/o/down on both layers fit at rank 1
     return replace(cfg, family="tiny", tasks=["math"], core_tasks=["math"], budget_tasks=["math"], steps=2, batch_size=2, n_train=8, n_val=4, n_test=6,
-                   n_metric=2, n_probe=4, core_seeds=[0], budget_seeds=[0, 1], budgets=[0.08], lr_grid_points=2,
+                   n_metric=2, n_probe=4, core_seeds=[0], budget_seeds=[0, 1], budgets=[0.08], core_budget=0.08, lr_grid_points=2,
                    max_extend=1, smoke=True)
 
 
@@ -714,7 +715,7 @@ def stage_core(ctx: Ctx) -> None:
     """Base, then per module type the rate (tuned on its highest-PAGE core module), then every
     core module at its type's rate, for each core seed."""
     cfg, mods = ctx.cfg, ctx.pred["modules"]
-    budget = int(cfg.budgets[0] * vanilla_params(ctx.pred))
+    budget = int(cfg.core_budget * vanilla_params(ctx.pred))
     picks = core_modules(ctx.pred)
     for seed in cfg.core_seeds:
         one_run(ctx, "core", "base", {}, 0.0, seed, "test")
@@ -766,7 +767,7 @@ def stage_budget(ctx: Ctx, decisions: dict) -> None:
         if isinstance(ranks, str):
             ctx.log(f"[{ctx.task}] {arm} skipped: {ranks}")
             continue
-        core = core_rate(picks, ctx.task, arm, ranks, ctx.pred["modules"], int(cfg.budgets[0] * vanilla))
+        core = core_rate(picks, ctx.task, arm, ranks, ctx.pred["modules"], int(cfg.core_budget * vanilla))
         if core is not None:
             (lr, notes), source = core, "core"
         else:
@@ -837,7 +838,7 @@ def plan_runs(cfg: Cfg) -> list[dict]:
                 else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS
                 if a in cfg.budget_arms]
         arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS if a in cfg.budget_arms]
-        core_budget = int(cfg.budgets[0] * vanilla)
+        core_budget = int(cfg.core_budget * vanilla)
         for ranks in arms:
             if isinstance(ranks, dict):
                 k = ranks.get("?", len(ranks))
@@ -888,7 +889,7 @@ def print_plan(cfg: Cfg) -> dict:
           f"{', '.join(t for t in cfg.tasks if t in cfg.core_tasks)}")
     for task in [t for t in cfg.tasks if t in cfg.core_tasks]:
         pred = json.loads((cfg.dir / f"predictors_{task}.json").read_text())
-        budget = int(cfg.budgets[0] * vanilla_params(pred))
+        budget = int(cfg.core_budget * vanilla_params(pred))
         dev = [lora_params(single(n, pred["modules"], budget), pred["modules"]) / budget - 1 for n in core_modules(pred)]
         print(f"{task}: {len(dev)} core modules at {budget:,} parameters, matched within {min(dev):+.1%} .. {max(dev):+.1%}")
     return {"rows": {f"{t}|{s}": v for (t, s), v in rows.items()}, "total": tot}

@@ -106,6 +106,18 @@ def test_budget_rates_reuse_the_core_pick_only_for_the_same_single_adapter():
     assert ps.grid_low(cfg, {n: 8 for n in list(mods)[:22]}, len(mods)) == cfg.lr_multi
 
 
+def test_budget_rows_keep_only_the_runs_at_the_arms_pick():
+    def run(arm, lr, seed, loss):
+        return {"task": "t", "stage": "budget", "arm": arm, "phase": "test", "lr": lr, "seed": seed, "params": 10,
+                "ranks": {"m": 1}, "test_losses": [loss, loss], "metric_scores": [1.0, 0.0]}
+    base = {"task": "t", "stage": "core", "arm": "base", "phase": "test", "lr": 0.0, "seed": 0,
+            "test_losses": [2.0, 2.0], "metric_scores": [0.0, 0.0]}
+    runs = [base, run("x@0.05", 0.0316, 0, 1.5), run("x@0.05", 0.01, 0, 0.5)]
+    rows = placement_report.budget_rows(runs, {"t|budget|x@0.05": {"lr": 0.01, "edge_notes": []}})
+    assert len(rows) == 1 and rows[0]["lr"] == 0.01 and rows[0]["loss_drop"][0] == pytest.approx(1.5)
+    assert placement_report.budget_rows(runs, {})[0]["seeds"] == [0, 0]  # no pick recorded: every run
+
+
 def test_paired_ci_and_spearman():
     a = {0: [1.0, 2.0, 3.0], 1: [2.0, 3.0, 4.0]}
     est, lo, hi = placement_report.paired_ci(a, {s: [x - 0.5 for x in v] for s, v in a.items()})
@@ -210,6 +222,13 @@ def test_budget_arms_select_a_subset_and_unknown_arms_are_refused(tmp_path, caps
     every = ps.plan_runs(ps.Cfg(family="smollm2", out=tmp_path, **base))
     two = ps.plan_runs(ps.Cfg(family="smollm2", out=tmp_path, budget_arms=["shallow_down", "lora_qv"], **base))
     base_runs = 3  # the base model's metric on each seed's items
+    # a single module at another budget than the core test's tunes its own grid, whichever
+    # budget comes first on the command line (the rank differs from the core run's)
+    for budgets, grid in (([0.05], 4), ([0.007], 0)):
+        cfg = ps.Cfg(family="smollm2", out=tmp_path, tasks=["math"], core_tasks=["math"], budget_tasks=["math"],
+                     budgets=budgets, budget_arms=["shallow_down"])
+        val = [r for r in ps.plan_runs(cfg) if r["stage"] == "budget" and r["phase"] == "val"]
+        assert len(val) == grid, budgets
     assert len(two) == base_runs + (2 + 1) * (4 + 3)  # shallow_down at 2 budgets, lora_qv once
     assert len(every) > len(two)
 
