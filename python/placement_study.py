@@ -44,11 +44,13 @@ Usage (one family and stage per command; each stage resumes):
     python python/placement_study.py --smoke --out /tmp/ps              # CI: a tiny Llama, end to end
 
 Two cores, two processes (one thread each), sharing one family folder (runs.jsonl is appended
-under a lock): one task each, or one set of budget arms each, e.g.
+under a lock): one task each, or one set of budget arms each (after one call with
+``--budget-arms=`` has made the decisions and the base model's runs), e.g.
     ... --stage core --tasks math --core-tasks math --budget-tasks ''   &
     ... --stage core --tasks instruction --core-tasks instruction --budget-tasks '' &
-    ... --stage budget --tasks math --budget-arms page_top1,page_budget,shallow_down,random_module,lora_qv &
-    ... --stage budget --tasks math --budget-arms plop_vod,eva,kappatune,lora_all &
+    ... --stage budget --tasks instruction --budget-arms page_top1,page_budget --budgets 0.007 &
+    ... --stage budget --tasks instruction --budget-arms eva,kappatune,lora_all --budgets 0.007 &
+``python/placement_all.sh`` runs the whole study this way, the budget arms as two queues.
 """
 
 from __future__ import annotations
