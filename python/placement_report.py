@@ -224,14 +224,26 @@ def budget_table(family: str, rows: list[dict], vanilla_params: int | None) -> l
     return lines
 
 
-def plot_budget(fam_dir: Path, rows: list[dict]) -> Path | None:
-    """``budget.png``: each arm's held-out loss drop with its 95% CI, one panel per task, arms
-    grouped by budget; vanilla LoRA's CI as a grey band."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_budget(fam_dir: Path, rows: list[dict]) -> Path | None:
+    """``budget.png``: each arm's held-out loss drop with its 95% CI, one panel per task, arms
+    grouped by budget; vanilla LoRA's CI as a grey band."""
+    plt = _pyplot()
     tasks = sorted({r["task"] for r in rows})
     if not tasks:
         return None
@@ -256,19 +268,11 @@ def plot_budget(fam_dir: Path, rows: list[dict]) -> Path | None:
                             if van else r["arm"] for r in rs], fontsize=8)
         ax.set_xlabel("held-out loss drop (base minus adapted), 95% CI", fontsize=8)
         ax.set_title(f"{fam_dir.name}, {task}: blue 0.7%, orange 5%, black references; band: vanilla LoRA", fontsize=8)
-    fig.tight_layout()
-    path = fam_dir / "budget.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, fam_dir / "budget.png")
 
 
 def plot(fam_dir: Path, rows: dict[str, list[dict]]) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tasks = [t for t, rs in rows.items() if rs]
     if not tasks:
         return None
@@ -283,11 +287,7 @@ def plot(fam_dir: Path, rows: dict[str, list[dict]]) -> Path | None:
             ax.set_xlabel(PREDICTOR_NAMES[p], fontsize=8)
             if j == 0:
                 ax.set_ylabel(f"{task}: held-out loss drop", fontsize=8)
-    fig.tight_layout()
-    path = fam_dir / "predictors_vs_outcome.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, fam_dir / "predictors_vs_outcome.png")
 
 
 def lr_edge_lines(fam_dir: Path) -> list[str]:
