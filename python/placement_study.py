@@ -738,21 +738,24 @@ def grid_low(cfg: Cfg, ranks: dict[str, int], n_modules: int) -> float:
     return cfg.lr_single if len(ranks) <= max(1, n_modules // 10) else cfg.lr_multi
 
 
-def core_rate(picks: dict, task: str, arm: str, ranks: dict[str, int], mods: dict, core_budget: int):
-    """``(rate, [])`` for a single-module arm at the core test's budget whose module type the
+def core_sized(ranks: dict[str, int], mods: dict, core_budget: int) -> bool:
+    """One module at the rank the core test gives it: the same adapter as a core run's."""
+    if len(ranks) != 1:
+        return False
+    (name, r), = ranks.items()
+    return r == single(name, mods, core_budget)[name]
+
+
+def core_rate(picks: dict, task: str, arm: str, ranks: dict[str, int], mods: dict, core_budget: int) -> float | None:
+    """The rate of a single-module arm at the core test's budget whose module type the
     core stage tuned on this task (same budget, same rank rule, same validation split: tuning it
     again would repeat that grid); None otherwise. An arm that already tuned its own grid keeps
     its pick (the grid's runs are in runs.jsonl)."""
     own = picks.get(f"{task}|budget|{arm}")
-    if len(ranks) != 1 or (own is not None and own.get("from", "grid") == "grid"):
+    if not core_sized(ranks, mods, core_budget) or (own is not None and own.get("from", "grid") == "grid"):
         return None
-    (name, r), = ranks.items()
-    if r != single(name, mods, core_budget)[name]:
-        return None
-    got = picks.get(f"{task}|core|{mods[name]['type']}")
-    if got is None:
-        return None
-    return got["lr"], []
+    got = picks.get(f"{task}|core|{mods[next(iter(ranks))]['type']}")
+    return None if got is None else got["lr"]
 
 
 def stage_budget(ctx: Ctx, decisions: dict) -> None:
@@ -771,7 +774,7 @@ def stage_budget(ctx: Ctx, decisions: dict) -> None:
             continue
         core = core_rate(picks, ctx.task, arm, ranks, ctx.pred["modules"], int(cfg.core_budget * vanilla))
         if core is not None:
-            (lr, notes), source = core, "core"
+            lr, notes, source = core, [], "core"
         else:
             lr, notes = tune_lr(ctx, "budget", arm, ranks, grid_low(cfg, ranks, len(ctx.pred["modules"])))
             source = "grid"
@@ -846,8 +849,7 @@ def plan_runs(cfg: Cfg) -> list[dict]:
                 k = ranks.get("?", len(ranks))
                 # a single module at the core budget takes its type's core rate (no grid), if the
                 # core stage ran on this task
-                own = not (task in cfg.core_tasks and k == 1 and "?" not in ranks
-                           and ranks == single(next(iter(ranks)), mods, core_budget))
+                own = not (task in cfg.core_tasks and "?" not in ranks and core_sized(ranks, mods, core_budget))
                 runs += [{"task": task, "stage": "budget", "phase": "val", "k": k}] * (cfg.lr_grid_points * own)
                 reused = int(0 in cfg.budget_seeds and own)  # the seed-0 test run loads the grid's adapter
                 runs += [{"task": task, "stage": "budget", "phase": "test", "k": k}] * (len(cfg.budget_seeds) - reused)

@@ -88,8 +88,8 @@ def test_budget_rates_reuse_the_core_pick_only_for_the_same_single_adapter():
     core = int(0.007 * ps.vanilla_params(pred))
     picks = {"math|core|down_proj": {"lr": 0.01, "edge_notes": []}}
     down = "model.layers.2.mlp.down_proj"
-    lr, notes = ps.core_rate(picks, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core)
-    assert lr == 0.01 and notes == []
+    lr = ps.core_rate(picks, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core)
+    assert lr == 0.01
     # another budget (another rank), another task, another type, or an arm that tuned its own grid: no reuse
     assert ps.core_rate(picks, "math", "shallow_down@0.05", ps.single(down, mods, 7 * core), mods, core) is None
     assert ps.core_rate(picks, "chat", "shallow_down@0.007", ps.single(down, mods, core), mods, core) is None
@@ -97,8 +97,8 @@ def test_budget_rates_reuse_the_core_pick_only_for_the_same_single_adapter():
     assert ps.core_rate(picks, "math", "x@0.007", ps.single(up, mods, core), mods, core) is None
     own = {**picks, "math|budget|shallow_down@0.007": {"lr": 0.03, "edge_notes": []}}
     assert ps.core_rate(own, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core) is None
-    again = {**picks, "math|budget|shallow_down@0.007": {"lr": 0.01, "edge_notes": notes, "from": "core"}}
-    assert ps.core_rate(again, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core)[0] == 0.01
+    again = {**picks, "math|budget|shallow_down@0.007": {"lr": 0.01, "edge_notes": [], "from": "core"}}
+    assert ps.core_rate(again, "math", "shallow_down@0.007", ps.single(down, mods, core), mods, core) == 0.01
     two = {down: 4, up: 4}
     assert ps.core_rate(picks, "math", "x@0.007", two, mods, core) is None
     cfg = ps.Cfg(family="smollm2", out=Path("unused"))
