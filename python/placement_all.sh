@@ -9,6 +9,7 @@
 # clock has its most important comparisons. Progress: FAMILY/log.txt and tqdm bars on stderr.
 #
 #     bash python/placement_all.sh smollm2        # or gemma3
+#     CUT=1 bash python/placement_all.sh gemma3   # the cut that fits one session (below)
 #
 # Extra arguments go to every stage, e.g. --tasks / --core-tasks / --budget-tasks for another cut.
 set -euo pipefail
@@ -40,6 +41,28 @@ run_pair() {  # two stage commands in parallel; fail if either fails
 }
 
 "$PY" "${STUDY[@]}" --stage probe
+if [ "${CUT:-}" = 1 ]; then
+    # The cut that fits one ~3-hour session for Gemma 3 (python/results/placement/gemma3/plan_cut.txt):
+    # the core test on the budget task alone, in parallel with that task's budget stage at 0.7% plus
+    # vanilla LoRA. The wide arms go first: they tune their own rates, while the single-module arms
+    # that come later take their module type's core-stage rate once the core test has picked it
+    # (before that they tune their own grid, recorded "from": "grid" in lr_picks.json).
+    cut_budget() {
+        "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms=
+        local a
+        for a in lora_all page_budget kappatune eva page_top1 shallow_down random_module; do
+            "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms $a --budgets 0.007
+        done
+    }
+    "$PY" "${STUDY[@]}" --stage core --tasks $BUDGET_TASK --core-tasks $BUDGET_TASK --budget-tasks= & c=$!
+    cut_budget & b=$!
+    rc=0
+    wait $c || rc=$?
+    wait $b || rc=$?
+    [ $rc -eq 0 ]
+    "$PY" "${STUDY[@]}" --stage report
+    exit 0
+fi
 run_pair "--stage core --tasks ${CORE_TASKS[0]} --core-tasks ${CORE_TASKS[0]} --budget-tasks=" \
          "--stage core --tasks ${CORE_TASKS[1]} --core-tasks ${CORE_TASKS[1]} --budget-tasks="
 "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms=

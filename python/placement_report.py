@@ -79,8 +79,16 @@ def _fmt(t: tuple[float, float, float], digits: int = 3) -> str:
 
 
 def load_runs(fam_dir: Path) -> list[dict]:
+    """Every finished run once: a run written twice (two processes that were started on the same
+    work) counts once, the last line kept, as the study's own resume logic keeps it."""
     path = fam_dir / "runs.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    runs = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        runs[r["key"]] = r
+    return list(runs.values())
 
 
 def _per_seed(runs: list[dict], field: str) -> dict[int, list[float]]:

@@ -118,6 +118,17 @@ def test_budget_rows_keep_only_the_runs_at_the_arms_pick():
     assert placement_report.budget_rows(runs, {})[0]["seeds"] == [0, 0]  # no pick recorded: every run
 
 
+def test_a_run_written_twice_is_read_once(tmp_path):
+    """Two processes started on the same work both append the same run: the report counts it once
+    (the last line, as the study's resume logic keeps it), so a budget arm's seeds are not doubled."""
+    lines = [{"key": "t|budget|x|0.01|0|test", "loss": 1.0}, {"key": "t|budget|x|0.01|1|test", "loss": 2.0},
+             {"key": "t|budget|x|0.01|0|test", "loss": 1.5}]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    runs = placement_report.load_runs(tmp_path)
+    assert sorted(r["loss"] for r in runs) == [1.5, 2.0]
+    assert placement_report.load_runs(tmp_path / "missing") == []
+
+
 def test_paired_ci_and_spearman():
     a = {0: [1.0, 2.0, 3.0], 1: [2.0, 3.0, 4.0]}
     est, lo, hi = placement_report.paired_ci(a, {s: [x - 0.5 for x in v] for s, v in a.items()})
