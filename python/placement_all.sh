@@ -47,10 +47,11 @@ if [ "${CUT:-}" = 1 ]; then
     # vanilla LoRA. The wide arms go first: they tune their own rates, while the single-module arms
     # that come later take their module type's core-stage rate once the core test has picked it
     # (before that they tune their own grid, recorded "from": "grid" in lr_picks.json).
+    CUT_ARMS=(lora_all page_budget kappatune eva page_top1 shallow_down random_module)
     cut_budget() {
         "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms=
         local a
-        for a in lora_all page_budget kappatune eva page_top1 shallow_down random_module; do
+        for a in "${CUT_ARMS[@]}"; do
             "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms $a --budgets 0.007
         done
     }
@@ -60,7 +61,9 @@ if [ "${CUT:-}" = 1 ]; then
     wait $c || rc=$?
     wait $b || rc=$?
     [ $rc -eq 0 ]
-    "$PY" "${STUDY[@]}" --stage report
+    # the report's "planned" is this cut's (plan_cut.txt), not the whole study's
+    "$PY" "${STUDY[@]}" --stage report --tasks $BUDGET_TASK --core-tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK \
+        --budgets 0.007 --budget-arms "$(IFS=,; echo "${CUT_ARMS[*]}")"
     exit 0
 fi
 run_pair "--stage core --tasks ${CORE_TASKS[0]} --core-tasks ${CORE_TASKS[0]} --budget-tasks=" \

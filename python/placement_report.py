@@ -308,14 +308,16 @@ def lr_edge_lines(fam_dir: Path) -> list[str]:
                "their own)", ""] + (core or ["- none"]))
 
 
-def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False) -> dict:
-    """Write ``correlation.md``, ``budget.md``, ``report.json`` and the plot; returns the report."""
+def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False, tasks=None) -> dict:
+    """Write ``correlation.md``, ``budget.md``, ``report.json`` and the plot; returns the report.
+    ``planned`` is the run count of the plan for ``tasks`` (all tasks when None): only those tasks'
+    runs count towards it in the status line, while every finished run is reported."""
     fam_dir = Path(fam_dir)
     family = fam_dir.name
     runs = load_runs(fam_dir)
     preds = {p.stem.split("_", 1)[1]: json.loads(p.read_text()) for p in sorted(fam_dir.glob("predictors_*.json"))}
     vanilla = next((8 * sum(m["in"] + m["out"] for m in p["modules"].values()) for p in preds.values()), None)
-    done = sum(r["phase"] == "test" or r["phase"] == "val" for r in runs)
+    done = sum((r["phase"] == "test" or r["phase"] == "val") and (tasks is None or r["task"] in tasks) for r in runs)
     status = (f"complete: {done} runs" if planned is not None and done >= planned else
               f"PARTIAL: {done} runs finished" + (f" of about {planned} planned" if planned else "")
               + "; every number below is from the finished runs only")

@@ -1016,7 +1016,7 @@ def main(argv=None) -> None:
                 planned = len(plan_runs(c))
             except FileNotFoundError:
                 planned = None
-            placement_report.write_report(c.dir, planned=planned, smoke=c.smoke)
+            placement_report.write_report(c.dir, planned=planned, smoke=c.smoke, tasks=c.tasks)
     if "report" in stages and not plan:
         placement_report.combine(cfg.out)
 
