@@ -357,8 +357,15 @@ def combine(out: Path) -> None:
         for fam in sorted(p for p in out.iterdir() if (p / name).is_file()):
             lines = (fam / name).read_text().splitlines()
             status = next((x for x in lines if x.startswith("Status:")), "Status: unknown")
-            table = [x for x in lines if x.startswith("|")]
-            parts += [f"## {fam.name}", "", status, ""] + table + [""]
+            tables, prev = [], False  # every table of the family's file, a blank line between two
+            for x in lines:
+                row = x.startswith("|")
+                if row and not prev and tables:
+                    tables.append("")
+                if row:
+                    tables.append(x)
+                prev = row
+            parts += [f"## {fam.name}", "", status, ""] + tables + [""]
         if parts:
             title = "Correlation of the predictors with the gain" if name == "correlation.md" else "Equal budgets"
             (out / name).write_text("\n".join([f"# Placement study: {title}, all families", ""] + parts))

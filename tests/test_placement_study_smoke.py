@@ -129,6 +129,17 @@ def test_a_run_written_twice_is_read_once(tmp_path):
     assert placement_report.load_runs(tmp_path / "missing") == []
 
 
+def test_combined_tables_stay_apart(tmp_path):
+    """Two tables of one family's file are two tables in the combined file: a blank line between
+    them, or markdown would read the second header as a row of the first."""
+    fam = tmp_path / "fam"
+    fam.mkdir()
+    (fam / "correlation.md").write_text("# t\n\nStatus: complete: 3 runs.\n\n| a |\n|---|\n| 1 |\n\ntext\n\n| b |\n|---|\n| 2 |\n")
+    placement_report.combine(tmp_path)
+    out = (tmp_path / "correlation.md").read_text()
+    assert "| 1 |\n\n| b |" in out and "Status: complete: 3 runs." in out
+
+
 def test_paired_ci_and_spearman():
     a = {0: [1.0, 2.0, 3.0], 1: [2.0, 3.0, 4.0]}
     est, lo, hi = placement_report.paired_ci(a, {s: [x - 0.5 for x in v] for s, v in a.items()})
