@@ -31,9 +31,25 @@ QUEUE_A=(page_top1:0.007 lora_all:0.007 page_budget:0.007 shallow_down:0.007 pag
 QUEUE_B=(eva:0.007 random_module:0.007 kappatune:0.007 plop_vod:0.05 eva:0.05 kappatune:0.05 random_module:0.05
          plop_vod:0.007)
 
-run_pair() {  # two stage commands in parallel; fail if either fails
-    "$PY" "${STUDY[@]}" $1 & local a=$!
-    "$PY" "${STUDY[@]}" $2 & local b=$!
+# The cut that fits one ~3-hour session for Gemma 3 (CUT=1; python/results/placement/gemma3/plan_cut.txt):
+# the core test on the budget task alone, in parallel with that task's budget stage at 0.7% plus
+# vanilla LoRA. The wide arms go first: they tune their own rates, while the single-module arms
+# that come later take their module type's core-stage rate once the core test has picked it
+# (before that they tune their own grid, recorded "from": "grid" in lr_picks.json).
+CUT_QUEUE=(lora_all:0.007 page_budget:0.007 kappatune:0.007 eva:0.007 page_top1:0.007 shallow_down:0.007
+           random_module:0.007)
+
+core() { "$PY" "${STUDY[@]}" --stage core --tasks "$1" --core-tasks "$1" --budget-tasks=; }
+budget() { "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" "$@"; }
+queue() {  # one budget call per "arms:budgets" entry, in order
+    local e
+    for e in "$@"; do
+        budget --budget-arms "${e%%:*}" --budgets "${e##*:}" || return
+    done
+}
+both() {  # two commands (strings of the functions above) in parallel; fail if either fails
+    eval "$1" & local a=$!
+    eval "$2" & local b=$!
     local rc=0
     wait $a || rc=$?
     wait $b || rc=$?
@@ -42,43 +58,15 @@ run_pair() {  # two stage commands in parallel; fail if either fails
 
 "$PY" "${STUDY[@]}" --stage probe
 if [ "${CUT:-}" = 1 ]; then
-    # The cut that fits one ~3-hour session for Gemma 3 (python/results/placement/gemma3/plan_cut.txt):
-    # the core test on the budget task alone, in parallel with that task's budget stage at 0.7% plus
-    # vanilla LoRA. The wide arms go first: they tune their own rates, while the single-module arms
-    # that come later take their module type's core-stage rate once the core test has picked it
-    # (before that they tune their own grid, recorded "from": "grid" in lr_picks.json).
-    CUT_ARMS=(lora_all page_budget kappatune eva page_top1 shallow_down random_module)
-    cut_budget() {
-        "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms=
-        local a
-        for a in "${CUT_ARMS[@]}"; do
-            "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms $a --budgets 0.007
-        done
-    }
-    "$PY" "${STUDY[@]}" --stage core --tasks $BUDGET_TASK --core-tasks $BUDGET_TASK --budget-tasks= & c=$!
-    cut_budget & b=$!
-    rc=0
-    wait $c || rc=$?
-    wait $b || rc=$?
-    [ $rc -eq 0 ]
+    # the budget stage's first call makes the decisions and the base model's runs the arms need
+    both "core $BUDGET_TASK" "budget --budget-arms= && queue ${CUT_QUEUE[*]}"
+    arms=("${CUT_QUEUE[@]%%:*}")
     # the report's "planned" is this cut's (plan_cut.txt), not the whole study's
     "$PY" "${STUDY[@]}" --stage report --tasks $BUDGET_TASK --core-tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK \
-        --budgets 0.007 --budget-arms "$(IFS=,; echo "${CUT_ARMS[*]}")"
+        --budgets 0.007 --budget-arms "$(IFS=,; echo "${arms[*]}")"
     exit 0
 fi
-run_pair "--stage core --tasks ${CORE_TASKS[0]} --core-tasks ${CORE_TASKS[0]} --budget-tasks=" \
-         "--stage core --tasks ${CORE_TASKS[1]} --core-tasks ${CORE_TASKS[1]} --budget-tasks="
-"$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms=
-queue() {  # one budget call per "arms:budgets" entry, in order
-    local e
-    for e in "$@"; do
-        "$PY" "${STUDY[@]}" --stage budget --tasks $BUDGET_TASK --budget-tasks $BUDGET_TASK "${BUDGET_LR[@]}" --budget-arms "${e%%:*}" --budgets "${e##*:}"
-    done
-}
-queue "${QUEUE_A[@]}" & qa=$!
-queue "${QUEUE_B[@]}" & qb=$!
-rc=0
-wait $qa || rc=$?
-wait $qb || rc=$?
-[ $rc -eq 0 ]
+both "core ${CORE_TASKS[0]}" "core ${CORE_TASKS[1]}"
+budget --budget-arms=
+both "queue ${QUEUE_A[*]}" "queue ${QUEUE_B[*]}"
 "$PY" "${STUDY[@]}" --stage report

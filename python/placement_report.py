@@ -78,17 +78,20 @@ def _fmt(t: tuple[float, float, float], digits: int = 3) -> str:
     return f"{est:.{digits}f}{ci}"
 
 
-def load_runs(fam_dir: Path) -> list[dict]:
-    """Every finished run once: a run written twice (two processes that were started on the same
-    work) counts once, the last line kept, as the study's own resume logic keeps it."""
-    path = fam_dir / "runs.jsonl"
-    if not path.exists():
-        return []
+def runs_by_key(path: Path) -> dict[str, dict]:
+    """``runs.jsonl`` read by run key, for the study's resume logic and for the report alike: a run
+    written twice (two processes started on the same work) counts once, its last line kept."""
     runs = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        runs[r["key"]] = r
-    return list(runs.values())
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            runs[r["key"]] = r
+    return runs
+
+
+def load_runs(fam_dir: Path) -> list[dict]:
+    """Every finished run of the family, once."""
+    return list(runs_by_key(Path(fam_dir) / "runs.jsonl").values())
 
 
 def _per_seed(runs: list[dict], field: str) -> dict[int, list[float]]:

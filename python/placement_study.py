@@ -550,11 +550,7 @@ class Runs:
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                r = json.loads(line)
-                self.done[r["key"]] = r
+        self.done: dict[str, dict] = placement_report.runs_by_key(path)
 
     @staticmethod
     def key(task: str, stage: str, arm: str, lr: float, seed: int, phase: str) -> str:
