@@ -1,10 +1,11 @@
 """The PAGE probe against naive autograd and its peers: time and peak memory, side by side.
 
-    python benchmarks/bench_probe.py --workload headline      # the headline table (7 rounds, EVA and KappaTune 3)
-    python benchmarks/bench_probe.py --workload all           # headline + every sweep + plots
-    python benchmarks/bench_probe.py --workload tokens        # one sweep: tokens|batch|rank|width
-    python benchmarks/bench_probe.py --workload moe           # a Mixtral-shaped mixture of experts
-    python benchmarks/bench_probe.py --plot-only              # plots from the saved JSON
+From the repository root:
+    python -m benchmarks.bench_probe --workload headline      # the headline table (7 rounds, EVA and KappaTune 3)
+    python -m benchmarks.bench_probe --workload all           # headline + every sweep + plots
+    python -m benchmarks.bench_probe --workload tokens        # one sweep: tokens|batch|rank|width
+    python -m benchmarks.bench_probe --workload moe           # a Mixtral-shaped mixture of experts
+    python -m benchmarks.bench_probe --plot-only              # plots from the saved JSON
 
 Providers (benchmarks/providers.py), all on the same model and the same token ids:
 ``probe`` (page_scores as shipped, the baseline of the ratios), ``floor`` (the same forward
@@ -55,11 +56,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "benchmarks" / "results"
 BASELINE = "probe"
@@ -214,7 +213,7 @@ def make_ids(model: torch.nn.Module, batch: int, tokens: int) -> torch.Tensor:
 
 
 def candidate_params(model) -> int:
-    from domlora_kernels.candidates import find_candidates
+    from domlora_kernels.probe.candidates import find_candidates
 
     return sum(c.weight.numel() for c in find_candidates(model))
 
@@ -231,7 +230,7 @@ def mem_available() -> int | None:
 
 def skip_reason(name: str, model, ids, rank: int | None = None) -> str | None:
     """Why a provider cannot run here, or None."""
-    import providers as P
+    from benchmarks import providers as P
 
     if name == "opacus":
         try:
@@ -262,7 +261,7 @@ def decision_skip_reason(name: str, ids, rank: int | None) -> str | None:
     if missing:
         return f"peft {peft.__version__} has no {', '.join(missing)} ({name}); pip install -U peft"
     if name == "eva" and ids is not None and rank is not None:
-        import providers as P
+        from benchmarks import providers as P
 
         if ids.numel() < P.eva_min_tokens(rank):
             return (f"a batch of {ids.numel()} tokens is below the {P.eva_min_tokens(rank)} components EVA fits "
@@ -301,7 +300,7 @@ def time_providers(model, ids, rank: int, names: list[str], warmup: int, repeats
                    slow_rounds: int = SLOW_ROUNDS):
     """Interleaved timings: ``{name: [seconds per run]}``, the first run's energies, and the
     outcome of every timed run of each decision provider."""
-    import providers as P
+    from benchmarks import providers as P
 
     provs = {n: P.PROVIDERS[n](model, ids, rank) for n in names}
     slow = {n: slow_schedule(warmup, repeats, slow_rounds) for n in names if provs[n].slow}
@@ -346,7 +345,7 @@ def _vm_hwm() -> int | None:
 
 def child_memory(job: dict) -> dict:
     """Runs in a fresh process: peak memory of one provider's run over the loaded model."""
-    import providers as P
+    from benchmarks import providers as P
 
     model = build_model(job["spec"])
     ids = make_ids(model, job["batch"], job["tokens"])
@@ -389,8 +388,9 @@ def child_memory(job: dict) -> dict:
 def measure_memory(point: dict, name: str, log=print) -> dict:
     job = {k: point[k] for k in ("spec", "batch", "tokens", "rank")}
     job["provider"] = name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    cmd = [sys.executable, "-m", "benchmarks.bench_probe", "--child", json.dumps(job)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     for line in r.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
             return json.loads(line[len("CHILD_RESULT "):])
@@ -404,7 +404,7 @@ def measure_memory(point: dict, name: str, log=print) -> dict:
 
 def agreement(energies: dict, model, ids, rank: int) -> list[dict]:
     """Relative errors between providers that computed the same quantity on this batch."""
-    import providers as P
+    from benchmarks import providers as P
 
     checks = []
 
@@ -433,7 +433,7 @@ def agreement(energies: dict, model, ids, rank: int) -> list[dict]:
 
 def not_checked(names: list[str]) -> dict[str, str]:
     """The providers the agreement checks do not apply to, with why: the decision providers."""
-    import providers as P
+    from benchmarks import providers as P
 
     return {n: f"computes a {P.PROVIDERS[n].decision}, not PAGE's energies: nothing of the probe's to check it "
                f"against; its row compares the cost of a decision"
@@ -458,6 +458,8 @@ def memory_point(point: dict, log=print) -> dict:
 
 
 def run_point(point: dict, warmup: int, repeats: int, mem: dict, log=print, slow_rounds: int = SLOW_ROUNDS) -> dict:
+    from domlora_kernels.probe.candidates import find_candidates
+
     model = build_model(point["spec"])
     ids = make_ids(model, point["batch"], point["tokens"])
     names, skipped = [], {}
@@ -479,7 +481,7 @@ def run_point(point: dict, warmup: int, repeats: int, mem: dict, log=print, slow
     return {
         "label": point["label"], "spec": point["spec"], "batch": point["batch"], "tokens": point["tokens"],
         "rank": point["rank"], "candidate_params": candidate_params(model),
-        "num_candidates": len(__import__("providers").find_candidates(model)),
+        "num_candidates": len(find_candidates(model)),
         "providers": rows, "skipped": skipped, "checks": checks, "not_checked": not_checked(names),
         "warmup": warmup, "repeats": repeats, "slow_rounds": slow_rounds,
     }
@@ -488,7 +490,7 @@ def run_point(point: dict, warmup: int, repeats: int, mem: dict, log=print, slow
 def decision_row(name: str, outcomes: list[dict]) -> dict:
     """What a decision provider's row adds: what it decides, its first timed run's outcome,
     and its passes over the batches in every timed run (EVA)."""
-    import providers as P
+    from benchmarks import providers as P
 
     row = {"decision": P.PROVIDERS[name].decision, "outcome": outcomes[0]}
     if "passes" in outcomes[0]:
@@ -653,7 +655,7 @@ def run_workload(name: str, args, mems: list[dict]) -> dict:
         print(table(results[-1]), flush=True)
     payload = {"workload": name, "machine": m, "machine_line": machine_line(m), "loadavg_before": load0,
                "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
-               "command": " ".join([Path(sys.executable).name] + sys.argv), "points": results}
+               "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench_probe", *sys.argv[1:]]), "points": results}
     path = write(name + args.suffix, payload)
     print(f"wrote {path.relative_to(ROOT)} ({payload['wall_s']:.0f} s)")
     return payload

@@ -1,6 +1,6 @@
 """Agreement of two PAGE reports, e.g. one process against the same probe under torchrun.
 
-    python benchmarks/compare_reports.py one_process.json two_ranks.json
+    python -m benchmarks.compare_reports one_process.json two_ranks.json   # from the repository root
 
 The README's torchrun figures come from this script; the commands and their output are in
 benchmarks/results/torchrun_vs_one_process.txt.

@@ -1,7 +1,8 @@
 """Cost model of the PAGE probe against the weight-gradient work it avoids.
 
-    python benchmarks/cost_model.py                 # per-module costs, 7B / 70B memory table
-    python benchmarks/cost_model.py --check         # predicted vs measured time ratios, from
+From the repository root:
+    python -m benchmarks.cost_model                 # per-module costs, 7B / 70B memory table
+    python -m benchmarks.cost_model --check         # predicted vs measured time ratios, from
                                                     # benchmarks/results/{headline,tokens,width}.json
 
 Per candidate module (``W: m x n``) and token, in multiply-adds (MACs):
@@ -148,7 +149,7 @@ def check() -> int:
             print(f"{name:<10}{pt['label']:<24}{(c['floor'] + c['weight_grad']) / c['floor']:>20.2f}{ag:>7}"
                   f"{(c['floor'] + c['probe_extra']) / c['floor']:>18.3f}{pr:>7}")
     if not found:
-        print("no results in benchmarks/results/; run python benchmarks/bench_probe.py --workload all first")
+        print("no results in benchmarks/results/; run python -m benchmarks.bench_probe --workload all first")
         return 1
     return 0
 

@@ -1,6 +1,7 @@
 """One prepared command for a CUDA machine: the checks and measurements a CPU cannot make.
 
-    python benchmarks/gpu_check.py [--budget 450] [--out-dir DIR] [--only a,b] [--cpu-smoke]
+From the repository root:
+    python -m benchmarks.gpu_check [--budget 450] [--out-dir DIR] [--only a,b] [--cpu-smoke]
 
 Sections, in this order; each is wrapped, so one that fails is recorded and the rest run:
 
@@ -12,8 +13,7 @@ Sections, in this order; each is wrapped, so one that fails is recorded and the 
                        the same rounded inputs, every kernel dtype and a mixed pair, padded,
                        packed (empty segments too) and strided, within KERNEL_TOL.
   split_vs_one_pass    the projected kernel split over tokens (the chunk ops picks, and 64)
-                       against one pass and float64, and run to run bitwise; recorded as
-                       "not_available" when the launcher cannot split.
+                       against one pass and float64, and run to run bitwise.
   probe_tiny           page_scores on CUDA, a 2-layer Llama from a LlamaConfig, float32 and
                        bfloat16, projections A, B, AB, expected: triton and auto against torch.
   probe_smollm2        the same on SmolLM2-135M (the embedded default; random weights in its
@@ -46,7 +46,7 @@ runs for at most its cap, and only while the sections after it keep their minimu
 cannot start is recorded as skipped with the reason, and a section's loop stops starting new
 cases when its window is spent (recorded as cases not run). The native tests go last and take
 what is left. ``--cpu-smoke`` runs every section on tiny sizes on the CPU (the kernels through
-Triton's interpreter; timings meaningless), for tests/test_gpu_check.py.
+Triton's interpreter; timings meaningless), for tests/scripts/test_gpu_check.py.
 
 Exit status: 0 all sections ran and passed; 1 a check failed, a section raised, or the run was
 interrupted; 2 no CUDA device (a CPU-only run writes the machine row and says so).
@@ -58,7 +58,6 @@ import argparse
 import faulthandler
 import importlib.metadata
 import importlib.util
-import inspect
 import itertools
 import json
 import math
@@ -76,18 +75,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch  # importing torch does not import triton; main settles TRITON_INTERPRET first
 
-import torch  # noqa: E402  (importing torch does not import triton; main settles TRITON_INTERPRET first)
+ROOT = Path(__file__).resolve().parent.parent
 
 ROWS_FILE = "gpu_check.jsonl"
 SUMMARY_FILE = "gpu_check_summary.json"
 PYTEST_LOG = "gpu_check_pytest.log"
 DEFAULT_BUDGET_S = 450.0  # with Python's start and torch's import, under 8 minutes in all
 
-# ||out - ref|| / ||ref|| against float64 on the same rounded inputs: tests/test_ops_triton.py's
+# ||out - ref|| / ||ref|| against float64 on the same rounded inputs: tests/ops/test_ops_triton.py's
 # TOL, so a case over it here fails there too. A mixed pair takes the looser of its two.
 KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}
 
@@ -220,7 +217,7 @@ class Plan:
     max_copies: int = 256
     target_s: float = 2e-3  # GPU time per event pair
     reps: int = 5
-    pytest_files: tuple = ("tests/test_ops_triton.py", "tests/test_probe_triton.py", "tests/test_kernel_compile.py")
+    pytest_files: tuple = ("tests/ops/test_ops_triton.py", "tests/probe/test_probe_triton.py", "tests/ops/test_kernel_compile.py")
     pytest_args: tuple = ("-m", "gpu or not gpu")
     pytest_workers: int = 8  # with pytest-xdist where it is installed: the compiles run in parallel
     pytest_test_timeout_s: int = 120  # per test, with pytest-timeout where it is installed
@@ -260,7 +257,7 @@ def full_plan() -> Plan:
 
 
 def smoke_plan() -> Plan:
-    """Tiny sizes that walk every section on the CPU in seconds (tests/test_gpu_check.py)."""
+    """Tiny sizes that walk every section on the CPU in seconds (tests/scripts/test_gpu_check.py)."""
     fp32, bf16 = torch.float32, torch.bfloat16
     return Plan(
         name="cpu-smoke",
@@ -272,7 +269,7 @@ def smoke_plan() -> Plan:
         split_sizes=((1, 1024, 40, 4), ((6, 0, 1), 40, 4)),
         probe_tiny=ProbePlan((fp32,), ("AB",), ((5, 3),)),
         probe_smol=ProbePlan((fp32,), ("expected",), ((4, 2),), layers=1),
-        bandwidth_projected=((2, 16, 40, 4), (1, 1024, 40, 4)),  # the second splits over tokens where ops can
+        bandwidth_projected=((2, 16, 40, 4), (1, 1024, 40, 4)),  # ops splits the second over tokens
         bandwidth_packed=(((5, 0, 7), 40, 4),),
         tflops_gradient=((2, 5, 24, 20),),
         sweep_projected=((1, 16, 40, 4), (4, 16, 300, 4)),
@@ -283,7 +280,7 @@ def smoke_plan() -> Plan:
         max_copies=2,
         target_s=1e-4,
         reps=2,
-        pytest_files=("tests/test_ops_triton.py",),
+        pytest_files=("tests/ops/test_ops_triton.py",),
         pytest_args=("-k", "test_unknown_backend_is_refused"),
         pytest_workers=1,
     )
@@ -469,9 +466,9 @@ def _run_one(ctx: Ctx, sec: Section, window: float) -> dict:
     ctx.deadline, ctx.current = start + window, sec.name
     passed, failed, ctx.not_run = ctx.passed, ctx.failed, 0
     print(f"\n== {sec.name}: {sec.what} (window {window:.0f} s)", flush=True)
+    status = "ok"
     try:
         fields = dict(sec.fn(ctx) or {})
-        status = fields.pop("status", "ok")  # a section may say "not_available"
     except Exception as exc:
         status = "error"
         fields = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
@@ -545,32 +542,21 @@ def _kernel_modules():
 def projected_plan(u: torch.Tensor, v: torch.Tensor, lens) -> dict:
     """The launch ``backend="triton"`` makes: ``programs`` (what "auto" compares with
     AUTO_MIN_PROGRAMS), ``one_pass`` (programs without splitting), ``chunk`` (tokens per
-    program when the launch splits over tokens, else None) and ``t_max`` (longest segment).
-    Works with kernels that cannot split (no ``ops._programs``): chunk is then None."""
+    program when the launch splits over tokens, else None) and ``t_max`` (longest segment)."""
     from domlora_kernels import ops
 
     pe, _ = ops._kernels()
     n_seg = u.shape[0] if lens is None else len(lens)
     t_max = u.shape[1] if lens is None else max(lens, default=0)
     one = int(pe.num_programs(tuple(u.shape), v.shape[-1], n_seg))
-    progs, chunk = ops._programs("projected", u, v, n_seg, t_max) if hasattr(ops, "_programs") else (one, None)
+    progs, chunk = ops._programs("projected", u, v, n_seg, t_max)
     return {"programs": int(progs), "one_pass": one, "chunk": chunk, "t_max": t_max}
-
-
-def can_split() -> bool:
-    """Whether the projected launcher takes ``chunk`` (split over tokens) and ``t_max``."""
-    pe, _ = _kernel_modules()
-    return "chunk" in inspect.signature(pe.projected_energy_triton).parameters and hasattr(pe, "split_chunk")
 
 
 def projected_launch(u, v, cu, t_max: int, chunk: int | None) -> Callable[[], torch.Tensor]:
     """The projected launcher on prepared inputs: no checks, no host read of ``cu``."""
     pe, _ = _kernel_modules()
-    if can_split():
-        return lambda: pe.projected_energy_triton(u, v, cu, t_max=t_max, chunk=chunk)
-    if chunk is not None:
-        raise ValueError("these kernels cannot split over tokens")
-    return lambda: pe.projected_energy_triton(u, v, cu)
+    return lambda: pe.projected_energy_triton(u, v, cu, t_max=t_max, chunk=chunk)
 
 
 def programs(op: str, a: torch.Tensor, b: torch.Tensor, lens) -> int:
@@ -583,19 +569,18 @@ def programs(op: str, a: torch.Tensor, b: torch.Tensor, lens) -> int:
     return int(ge.num_programs(t, a.shape[-1], b.shape[-1], n_seg))
 
 
-def auto_picks_triton(op: str, a, b, cu) -> bool | None:
+def auto_picks_triton(op: str, a, b, cu) -> bool:
+    """Whether ``backend="auto"`` launches the Triton kernel for these inputs."""
     from domlora_kernels import ops
 
-    rule = getattr(ops, "_auto_uses_triton", None)
-    return None if rule is None else bool(rule(op, a, b, cu))
+    return bool(ops._auto_uses_triton(op, a, b, cu))
 
 
 def gradient_form(t: int, m: int, n: int) -> str:
-    from domlora_kernels.ops import naive
+    """The form the gradient op computes at these sizes (ops' cost rule): "gram" or "direct"."""
+    from domlora_kernels.ops.naive import uses_gram
 
-    _, ge = _kernel_modules()
-    rule = getattr(naive, "uses_gram", None) or ge.uses_gram
-    return "gram" if rule(t, m, n) else "direct"
+    return "gram" if uses_gram(t, m, n) else "direct"
 
 
 def gradient_flops(b: int, t: int, m: int, n: int) -> float:
@@ -736,7 +721,7 @@ def _accuracy_case(ctx: Ctx, c: dict) -> None:
     ok = got.shape == want.shape and bool(torch.isfinite(got).all()) and err_t < tol
     key = f"{c['op']} " + "/".join(str(d).replace("torch.", "") for d in c["dtypes"])
     worst = ctx.results.setdefault("worst_rel_err", {})
-    worst[key] = max(worst.get(key, 0.0), err_t)  # what tests/test_ops_triton.py's TOL can be set from
+    worst[key] = max(worst.get(key, 0.0), err_t)  # what tests/ops/test_ops_triton.py's TOL can be set from
     extra = {} if c["op"] == "projected" or c["lens"] is not None else {"form": gradient_form(c["lead"][1], c["m"], c["k"])}
     ctx.check("kernels_vs_bmm", _case_label(c), ok, op=c["op"], lead=c["lead"], lens=c["lens"], m=c["m"], k=c["k"],
               dtypes=c["dtypes"], strided=c.get("strided", False), rel_err_triton=err_t, rel_err_torch=err_b,
@@ -784,10 +769,6 @@ def _split_case(ctx: Ctx, size) -> None:
 
 
 def sec_split_vs_one_pass(ctx: Ctx) -> dict:
-    if not can_split():
-        ctx.rows.write("split_vs_one_pass", "note", text="not available: the projected launcher has no split-over-tokens mode")
-        print("  not available: the projected launcher has no split-over-tokens mode", flush=True)
-        return {"status": "not_available"}
     each_case(ctx, "split_vs_one_pass", ctx.plan.split_sizes, lambda s: _split_case(ctx, s))
     return {}
 
@@ -814,7 +795,7 @@ def _llama(shape: dict, dtype: torch.dtype, seed: int = 0):
 
 
 def tiny_llama(dtype: torch.dtype):
-    """2 layers, width 64, as tests/tiny_models.py builds its "llama"."""
+    """2 layers, width 64, as ``domlora_kernels.testing.tiny_model("llama")`` builds it."""
     shape = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2)
     return _llama(shape, dtype)
@@ -1090,7 +1071,7 @@ def sec_auto_threshold(ctx: Ctx) -> dict:
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
     try:
-        os.killpg(proc.pid, sig)  # the process group this script started for the child (its own session)
+        os.killpg(proc.pid, sig)  # the child's own process group (Popen made it the leader), its children included
     except ProcessLookupError:
         pass
 
@@ -1133,10 +1114,10 @@ def pytest_counts(text: str) -> dict[str, int]:
 
 
 def sec_native_tests(ctx: Ctx) -> dict:
-    files = [f for f in ctx.plan.pytest_files if (ROOT / f).is_file()]
-    missing = [f for f in ctx.plan.pytest_files if f not in files]
-    if not files:  # pytest would fall back to the whole of testpaths
-        ctx.check("native_tests", "kernel test files present", False, error=f"none of {list(ctx.plan.pytest_files)} exists")
+    files = list(ctx.plan.pytest_files)
+    missing = [f for f in files if not (ROOT / f).is_file()]
+    if missing:  # a moved file: pytest would stop at collection
+        ctx.check("native_tests", "kernel test files present", False, error=f"missing: {missing}")
         return {"missing_files": missing}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files, *ctx.plan.pytest_args]
     if ctx.plan.pytest_workers > 1 and importlib.util.find_spec("xdist") is not None:
@@ -1151,8 +1132,8 @@ def sec_native_tests(ctx: Ctx) -> dict:
     counts = pytest_counts(res["tail"])
     print(res["tail"][-1500:], flush=True)
     ok = res["returncode"] == 0 and not res["timed_out"]
-    ctx.check("native_tests", "pytest " + " ".join(files), ok, cmd=shlex.join(cmd), missing_files=missing, counts=counts, **res)
-    return {"counts": counts, "missing_files": missing}
+    ctx.check("native_tests", "pytest " + " ".join(files), ok, cmd=shlex.join(cmd), counts=counts, **res)
+    return {"counts": counts}
 
 
 # --------------------------------------------------------------------------- the run
@@ -1187,7 +1168,7 @@ def summarize(ctx: Ctx, t0: float, interrupted: str | None) -> dict:
     bad = [s for s, st in status.items() if st in ("error", "failed")]
     summary = {
         "ok": not bad and not interrupted and ctx.failed == 0,
-        "complete": len(status) == len(SECTIONS) and all(st in ("ok", "failed", "not_available") for st in status.values()) and not interrupted,
+        "complete": len(status) == len(SECTIONS) and all(st in ("ok", "failed") for st in status.values()) and not interrupted,
         "interrupted": interrupted,
         "sections": {r["section"]: {k: r[k] for k in ("status", "seconds", "reason", "error", "checks_passed", "checks_failed",
                                                       "cases_not_run") if k in r} for r in statuses},

@@ -1,6 +1,6 @@
 """Worst relative error of both ops against float64, per input dtype and backend.
 
-    python benchmarks/kernel_accuracy.py        # writes benchmarks/results/kernel_accuracy.txt
+    python -m benchmarks.kernel_accuracy        # from the repository root; writes benchmarks/results/kernel_accuracy.txt
 
 For each dtype (float32, bfloat16, float16), each op (``projected_energy``,
 ``weight_grad_energy``) and each backend (``torch``; ``triton``, and for the projected op
@@ -23,11 +23,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from domlora_kernels import ops  # noqa: E402
+from domlora_kernels import ops  # noqa: E402  (after TRITON_INTERPRET is settled)
 from domlora_kernels.ops.naive import projected_energy_ref, weight_grad_energy_ref  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SEEDS = (0, 1, 2)

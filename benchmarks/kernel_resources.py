@@ -1,12 +1,13 @@
 """Registers, spills and shared memory of every Triton kernel variant, compiled on the CPU.
 
-    python benchmarks/kernel_resources.py                 # sm_80, sm_90, sm_100
-    python benchmarks/kernel_resources.py --targets 90 --out /tmp/r.txt
+From the repository root:
+    python -m benchmarks.kernel_resources                 # sm_80, sm_90, sm_100
+    python -m benchmarks.kernel_resources --targets 90 --out /tmp/r.txt
 
 Compiles each launch configuration the launchers can produce
-(``domlora_kernels.ops.compile_check``) for each target with Triton's bundled ``ptxas``
+(``benchmarks.compile_check``) for each target with Triton's bundled ``ptxas``
 (inputs with unit inner strides on every target, any strides on sm_90: the set
-tests/test_kernel_compile.py checks, so each warms the other's cache),
+tests/ops/test_kernel_compile.py checks, so each warms the other's cache),
 and prints one row per (variant, target): registers per thread, spill bytes per thread
 (``STACK`` + ``LOCAL``: ``ptxas`` puts spilled registers in the stack frame), shared memory
 per program, and how many programs of that many warps fit on one SM. Writes the table to
@@ -23,7 +24,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -67,7 +67,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "kernel_resources.txt"))
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: all cores)")
     args = ap.parse_args()
-    from domlora_kernels.ops import compile_check
+    from benchmarks import compile_check
 
     if compile_check.main_refuses_interpreter():
         return 2

@@ -1,30 +1,26 @@
-"""PAGE of expert weights against both oracles, per MoE family: the figures of issue 14.
+"""PAGE of expert weights against both oracles, per MoE family: the worst relative errors.
 
-    python benchmarks/moe_oracle_errors.py
+From the repository root (output committed in benchmarks/results/moe_oracle_errors.txt):
+    python -m benchmarks.moe_oracle_errors
 
-Tiny random-weight float32 models built from configs (tests/tiny_moe.py: Mixtral, Qwen2-MoE,
-Qwen3-MoE, gpt-oss; 2 layers, 4 experts, top-2), two right-padded batches of 5 samples.
+Tiny random-weight float32 models built from configs (``domlora_kernels.testing.tiny_moe``:
+Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss; 2 layers, 4 experts, top-2), two right-padded batches
+of 5 samples.
 Prints, per family, the worst relative error over the expert weights of ``page_scores``
 against naive autograd (float64 energies of the full per-sample ``[E, out, in]`` gradient,
 for each projection x estimator) and against peft's ``target_parameters`` LoRA
 (``||lora_B.grad||^2`` per expert and per sample, ``lora_A`` = the probe's A). The same
-comparisons run in CI with the bound 1e-4 (tests/test_experts.py).
+comparisons run in CI with the bound 1e-4 (tests/probe/test_experts.py).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from domlora_kernels import page_scores  # noqa: E402
-from helpers import rel_err  # noqa: E402
-from tiny_models import sample_batch  # noqa: E402
-from tiny_moe import MOE_ARCHS, naive_expert_energies, peft_expert_energies, tiny_moe  # noqa: E402
+from domlora_kernels import page_scores
+from domlora_kernels.testing import MOE_ARCHS, naive_expert_energies, peft_expert_energies, rel_err, sample_batch, tiny_moe
 
 EXPERTS = r".*experts\..*"
 # (projection, estimator) -> the naive oracle's entry
@@ -54,7 +50,8 @@ def _vs_peft(model, batches) -> float:
                    rel_err(got.per_sample[n][0], per.sum(dim=1))) for n, per in want.items())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     batches = [sample_batch([9, 5, 12], seed=1), sample_batch([7, 12], seed=2)]
     print(f"{'family':<10} " + " ".join(f"{p + '-' + e:>18}" for p, e in CASES) + f" {'peft lora_B.grad':>18}")
     for arch in MOE_ARCHS:

@@ -1,7 +1,8 @@
 """Where the probe's time and memory go, next to the floor (same forward and backward, no probe).
 
-    python benchmarks/profile_probe.py [--batch 8 --tokens 128 --rank 8] [--top 15]
-    python benchmarks/profile_probe.py --pair probe-expected,opacus    # any two providers
+From the repository root:
+    python -m benchmarks.profile_probe [--batch 8 --tokens 128 --rank 8] [--top 15]
+    python -m benchmarks.profile_probe --pair probe-expected,opacus    # any two providers
 
 On the embedded SmolLM2-135M with the headline's inputs, one warm run of each provider:
 
@@ -13,7 +14,7 @@ On the embedded SmolLM2-135M with the headline's inputs, one warm run of each pr
 3. ``torch.profiler``: the operators with the most self CPU time, floor and probe side by
    side, and the totals.
 
-This is the evidence for where a target of bench_probe.py is missed; it measures the
+This is the evidence for where a target of ``benchmarks.bench_probe`` is missed; it measures the
 package as it is (no patching).
 """
 
@@ -21,18 +22,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import torch
 
-import torch  # noqa: E402
-
-from bench_probe import _vm_hwm, build_model, make_ids  # noqa: E402
-from providers import PROVIDERS  # noqa: E402
+from benchmarks.bench_probe import _vm_hwm, build_model, make_ids
+from benchmarks.providers import PROVIDERS
 
 
 def saved_bytes(provider) -> tuple[int, int, dict[str, int]]:
@@ -132,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

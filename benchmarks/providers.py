@@ -4,7 +4,7 @@ Every provider does the work of one PAGE measurement of one batch (forward, back
 energies) and returns its energies as ``{module name: float64 tensor}`` so the harness can
 check that the providers agree before it compares their times. The loss is the same
 everywhere: per-sample mean next-token cross-entropy
-(:func:`domlora_kernels.losses.causal_lm_losses`), summed over the batch.
+(:func:`domlora_kernels.probe.losses.causal_lm_losses`), summed over the batch.
 
 A provider is a class with three steps, of which only ``run`` is timed:
 
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from domlora_kernels import page_scores
-from domlora_kernels.losses import causal_lm_losses
+from domlora_kernels.probe.losses import causal_lm_losses
 from domlora_kernels.lora_init import draw_lora_A
-from domlora_kernels.candidates import find_candidates
+from domlora_kernels.probe.candidates import find_candidates
 
 Energies = dict[str, torch.Tensor]
 

@@ -11,12 +11,12 @@ from .scores import PageScores
 
 # these modules import peft / matplotlib inside the functions that need them, so importing them here is cheap
 from .confidence import Confidence, confidence
-from .placement import VARIANTS, Placement, apply_domlora, domlora_config
+from .placement import VARIANTS, Placement, apply_domlora, domlora_config, parse_budget
 from .report import Comparison, compare, plot_heatmap, plot_top, text_report
 
 __all__ = [
     "page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS",
-    "domlora_config", "apply_domlora", "Placement", "VARIANTS",
+    "domlora_config", "apply_domlora", "Placement", "VARIANTS", "parse_budget",
     "confidence", "Confidence", "compare", "Comparison", "plot_heatmap", "plot_top", "text_report",
     "MissingExtraError",
 ]

@@ -72,17 +72,13 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _budget(text: str) -> int | float | str:
-    """``--budget``: "1%" stays a string, "20000" is a parameter count, "0.01" a fraction (domlora_config checks the range)."""
-    if text.strip().endswith("%"):
-        return text
+    """``--budget``: :func:`~domlora_kernels.placement.parse_budget`, its error as argparse's."""
+    from .placement.budget import parse_budget
+
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a parameter count (20000), a fraction (0.01) or a percentage (1%), got {text!r}") from None
+        return parse_budget(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _target(text: str):

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .losses import IGNORE_INDEX
+from .probe.losses import IGNORE_INDEX
 from .errors import MissingExtraError
 
 TASKS = ("instruction", "math", "code", "chat")
@@ -231,7 +231,7 @@ def load_calibration(tasks: Iterable[str] | None = None) -> list[dict]:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown calibration task(s) {unknown or tasks}; choose from {', '.join(TASKS)}")
-    root = resources.files("domlora_kernels") / "data" / "calibration"
+    root = resources.files("domlora_kernels") / "calibration"
     per_task = []
     for t in tasks:
         with resources.as_file(root / f"{t}.jsonl") as p:

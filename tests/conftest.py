@@ -1,8 +1,9 @@
-"""Shared test setup: the one place that marks GPU-only tests."""
+"""Shared test setup: the one place that marks GPU-only tests, and fixtures several test folders use."""
 
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -35,3 +36,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama as a transformers folder, with SmolLM2's tokenizer files."""
+    from domlora_kernels.models import _source
+    from domlora_kernels.testing import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    tiny_model("llama").save_pretrained(folder)
+    smol = _source(None, True)[0]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{smol}/{name}", folder / name)
+    return folder

@@ -7,8 +7,8 @@ import torch
 
 from domlora_kernels import page_scores
 from domlora_kernels.data import load_calibration, make_batches
-from test_probe_oracles import _peft_energies, _rel
-from tiny_models import naive_page
+from domlora_kernels.testing import peft_lora_energies as _peft_energies, rel_err_dict as _rel
+from domlora_kernels.testing import naive_page
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def test_real_model_shape(smol):
 def test_real_model_loss_equals_transformers_loss(smol, batches):
     """causal_lm_losses against transformers' own loss, one unpadded sample at a time (B=1),
     with the calibration labels (prompt tokens are -100)."""
-    from domlora_kernels.losses import causal_lm_losses, default_labels
+    from domlora_kernels.probe.losses import causal_lm_losses, default_labels
 
     model, _ = smol
     checked = 0

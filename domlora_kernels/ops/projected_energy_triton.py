@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, dot_acc, dot_in_f32, fits_int32_offsets, partials, segment_rows
+from .triton_common import INTERPRETED, Variant, dot_acc, dot_in_f32, fits_int32_offsets, partials, segment_rows
 
 __all__ = ["projected_energy_kernel", "projected_energy_triton", "num_programs", "split_chunk", "INTERPRETED"]
 
@@ -220,7 +220,6 @@ _MODES = {
 def compile_variants():
     """Every launch configuration of :func:`launch`, for ``compile_check``: each tile set
     :func:`_tiles` returns, each dtype pairing, each mode."""
-    from .compile_check import Variant
 
     out = []
     for a, b in DTYPE_PAIRS:

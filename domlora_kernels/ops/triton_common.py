@@ -1,5 +1,5 @@
-"""What both Triton kernel modules share: the segment bounds helper, the scratch buffers and
-the dot-precision rule.
+"""What both Triton kernel modules share: the segment bounds helper, the scratch buffers,
+the dot-precision rule and the launch :class:`Variant`.
 
 Importing this module applies ``@triton.jit`` to :func:`segment_rows`; ``INTERPRETED`` says
 whether ``TRITON_INTERPRET=1`` was set at that moment (see ``domlora_kernels.ops``).
@@ -7,6 +7,7 @@ whether ``TRITON_INTERPRET=1`` was set at that moment (see ``domlora_kernels.ops
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -78,3 +79,29 @@ def fits_int32_offsets(t: torch.Tensor, tile_rows: int, tile_cols: int) -> bool:
     """Whether a ``[tile_rows, tile_cols]`` tile of ``t`` (rows along dim -2, columns along
     dim -1) has offsets below 2^31 from its first element."""
     return tile_rows * abs(t.stride(-2)) + tile_cols * abs(t.stride(-1)) < INT32_OFFSETS
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One launch configuration of one kernel, as its launcher produces it (``compile_variants()``
+    of each kernel module; benchmarks/compile_check.py compiles each for real GPU targets).
+
+    kernel: ``"module:attribute"`` of the ``@triton.jit`` function, module relative to
+        ``domlora_kernels.ops``.
+    label: what the launcher serves with it (op, tiles, varlen), for the table.
+    dtypes: ``(a, b)``, the dtypes of the two input pointers (``"f32"``, ``"bf16"``,
+        ``"f16"``).
+    constexprs: every ``tl.constexpr`` parameter's value, as the launcher passes it.
+    inner: names of the two inputs' innermost-stride parameters (1 in the ``contig`` layout).
+    num_warps: as launched.
+    """
+
+    kernel: str
+    label: str
+    dtypes: tuple[str, str]
+    constexprs: tuple[tuple[str, object], ...]
+    inner: tuple[str, str]
+    num_warps: int
+
+    def name(self, layout: str) -> str:
+        return f"{self.label} {'+'.join(dict.fromkeys(self.dtypes))} {layout}"

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from . import projected_energy_triton as pe
 from .naive import uses_gram
-from .triton_common import INTERPRETED, dot_acc, dot_in_f32, fits_int32_offsets, partials, segment_rows
+from .triton_common import INTERPRETED, Variant, dot_acc, dot_in_f32, fits_int32_offsets, partials, segment_rows
 
 __all__ = ["weight_grad_energy_gram_kernel", "weight_grad_energy_triton", "num_programs", "uses_gram", "INTERPRETED"]
 
@@ -170,7 +170,6 @@ def weight_grad_energy_triton(d: torch.Tensor, x: torch.Tensor, cu_seqlens: torc
 def compile_variants():
     """Every launch configuration of the Gram kernel, for ``compile_check`` (the direct form
     is ``projected_energy_kernel``'s, listed there)."""
-    from .compile_check import Variant
 
     out = []
     for a, b in pe.DTYPE_PAIRS:

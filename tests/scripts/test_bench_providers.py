@@ -1,0 +1,133 @@
+"""The benchmark's decision providers (peft's EVA and KappaTune) and the harness paths they
+add: rounds capped for slow providers, the agreement checks they skip, the passes column.
+A tiny random Llama, no timing assertions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import peft
+import pytest
+import torch
+from peft.tuners.lora.eva import _Hook
+
+from benchmarks import bench_probe as B
+from benchmarks import providers as P
+from domlora_kernels.probe.candidates import find_candidates
+
+SPEC = B.llama(64, 96, 2, 4, 2, vocab=101)
+RANK = 4
+# KappaTune came with peft 0.21; the package supports peft >= 0.17 (EVA: 0.14)
+needs_kappatune = pytest.mark.skipif(not hasattr(peft, "find_kappa_target_modules"),
+                                     reason=f"peft {peft.__version__} has no KappaTune (peft >= 0.21)")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return B.build_model(SPEC)
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    return B.make_ids(model, 2, 16)
+
+
+def _state(model):
+    """What a provider must leave as found: mode, grad flags, weights, hooks."""
+    return (model.training, [p.requires_grad for p in model.parameters()],
+            [p.detach().clone() for p in model.parameters()],
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()))
+
+
+def _same_state(a, b) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+
+
+def test_eva_allocates_the_rank_budget_and_counts_its_forwards(model, ids):
+    before = _state(model)
+    calls = []
+    h = model.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))  # an independent count
+    p = P.Eva(model, ids, RANK)
+    p.prepare()
+    assert p.run() is None
+    p.teardown()
+    h.remove()
+    o = p.outcome()
+    names = [c.name for c in find_candidates(model)]
+    assert sorted(o["ranks"]) == sorted(names)
+    assert o["rank_budget"] == RANK * len(names) == o["rank_total"] == sum(o["ranks"].values())
+    assert 0 <= o["rank_min"] <= o["rank_max"] <= round(RANK * P.EVA_RHO)
+    assert o["forwards"] == len(calls) and o["forwards"] >= 2
+    assert o["passes"] == (len(calls) - 1) / o["batches"] and o["batches"] == 1
+    assert _same_state(before, _state(model))
+
+
+def test_eva_that_does_not_converge_leaves_no_hooks(model, ids):
+    before = _state(model)
+    p = P.Eva(model, ids, RANK)
+    p.max_passes = 0
+    p.prepare()
+    with pytest.raises(RuntimeError, match="did not converge within 0 passes"):
+        p.run()
+    assert not any(isinstance(h, _Hook) for m in model.modules() for h in m._forward_hooks.values())
+    assert _same_state(before, _state(model))
+
+
+@needs_kappatune
+def test_kappatune_picks_the_lowest_condition_numbers(model, ids):
+    before = _state(model)
+    p = P.KappaTune(model, ids, RANK)
+    p.prepare()
+    assert p.run() is None
+    p.teardown()
+    o = p.outcome()
+    # independent: float64 condition number of every linear weight, the lowest fifth
+    lin = {n: torch.linalg.cond(m.weight.double()).item() for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear)}
+    want = sorted(lin, key=lin.get)[: max(1, int(len(lin) * P.KappaTune.top_p))]
+    assert set(o["modules"]) == set(want) and o["modules_picked"] == len(want)
+    assert o["candidates_picked"] == len(set(want) & {c.name for c in find_candidates(model)})
+    assert _same_state(before, _state(model))
+
+
+def test_slow_schedule_spreads_the_capped_rounds():
+    assert B.slow_schedule(1, 7, 3) == [1, 3, 5]
+    assert B.slow_schedule(0, 2, 3) == [0, 1]
+    assert B.slow_schedule(2, 5, 1) == [2]
+
+
+def test_decision_skip_reasons(model, monkeypatch):
+    tiny = torch.zeros(1, 7, dtype=torch.long)
+    assert "below the 8 components" in B.skip_reason("eva", model, tiny, RANK)
+    assert B.skip_reason("eva", model, torch.zeros(1, 8, dtype=torch.long), RANK) is None
+    monkeypatch.delattr(peft, "get_eva_state_dict")
+    assert "has no get_eva_state_dict (eva)" in B.skip_reason("eva", None, None)
+    monkeypatch.delattr(peft, "find_kappa_target_modules", raising=False)
+    assert "has no find_kappa_target_modules (kappatune)" in B.skip_reason("kappatune", None, None)
+
+
+@needs_kappatune
+def test_harness_caps_rounds_skips_checks_and_writes_passes(model, tmp_path, monkeypatch):
+    point = {"label": "tiny", "spec": SPEC, "batch": 2, "tokens": 16, "rank": RANK,
+             "providers": ["probe", "autograd-per-sample", "eva", "kappatune"], "memory": False}
+    res = B.run_point(point, warmup=1, repeats=3, mem={}, log=lambda *a, **k: None, slow_rounds=2)
+    rows = res["providers"]
+    assert [len(rows[n]["times_s"]) for n in point["providers"]] == [3, 3, 2, 2]
+    assert [c["a"] for c in res["checks"]] == ["probe"] and res["checks"][0]["ok"]
+    assert set(res["not_checked"]) == {"eva", "kappatune"}
+    assert len(rows["eva"]["passes"]) == 2 and rows["eva"]["outcome"]["passes"] == rows["eva"]["passes"][0]
+    assert "passes" not in rows["kappatune"] and rows["kappatune"]["outcome"]["modules"]
+    text = B.table(res)
+    assert "2 of 3 rounds: slow-provider cap" in text and "not of computing the same number" in text
+    assert "check eva: not applicable" in B.checks_text(res)
+
+    monkeypatch.setattr(B, "RESULTS", tmp_path)
+    B.write("width", {"machine": B.machine(), "machine_line": "test", "points": [res]})
+    with open(tmp_path / "width.csv") as f:
+        got = {r["provider"]: r for r in csv.DictReader(f)}
+    assert float(got["eva"]["passes"]) == statistics.median(rows["eva"]["passes"])
+    assert got["probe"]["passes"] == "" and got["kappatune"]["decision"] == P.KappaTune.decision
+    assert json.loads((tmp_path / "width.json").read_text())["points"][0]["not_checked"]
+    assert [p.name for p in B.plot()] == ["width.png"]
