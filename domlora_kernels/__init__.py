@@ -11,12 +11,13 @@ from .scores import PageScores
 
 # these modules import peft / matplotlib inside the functions that need them, so importing them here is cheap
 from .confidence import Confidence, confidence
-from .placement import VARIANTS, Placement, apply_domlora, domlora_config, parse_budget
+from .placement import (STRATEGIES, VARIANTS, Placement, apply_domlora, domlora_config, measure_signals,
+                        parse_budget)
 from .report import Comparison, compare, plot_heatmap, plot_top, text_report
 
 __all__ = [
     "page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS",
-    "domlora_config", "apply_domlora", "Placement", "VARIANTS", "parse_budget",
+    "domlora_config", "apply_domlora", "Placement", "VARIANTS", "parse_budget", "measure_signals", "STRATEGIES",
     "confidence", "Confidence", "compare", "Comparison", "plot_heatmap", "plot_top", "text_report",
     "MissingExtraError",
 ]

@@ -41,6 +41,14 @@ class PageScores:
         meta: free-form provenance (model, data, timings).
         by_expert: expert weight name -> the PAGE of each of its experts (mean over seeds);
             they sum to the weight's PAGE. Empty for a model without expert weights.
+        signals: signal name -> (module name -> value): other per-module measurements the
+            placement strategies rank by (:mod:`domlora_kernels.placement.strategies`), e.g.
+            ``"adam"``, Adam's first-step loss decrease per unit learning rate, which the
+            "gradient" estimator records. Saved in the JSON.
+        mean_gradient: estimator "gradient" only, in memory (not saved): module name -> the
+            mean projected gradient over the samples, scaled, float64 ``[num_seeds, P]``: each
+            seed's adapter-factor gradients flattened (``dL/dB``, ``m r`` entries, for projection
+            "A"; ``E m r`` for an expert weight; both factors side by side for "AB").
     """
 
     scores: dict[str, float]
@@ -51,6 +59,8 @@ class PageScores:
     config: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
     by_expert: dict[str, list[float]] = field(default_factory=dict)
+    signals: dict[str, dict[str, float]] = field(default_factory=dict)
+    mean_gradient: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     # ----------------------------------------------------------------- views
     def ranked(self) -> list[tuple[str, float]]:
@@ -136,6 +146,7 @@ class PageScores:
             "per_sample": None if self.per_sample is None
             else {n: t.tolist() for n, t in self.per_sample.items()},
             "meta": self.meta,
+            **({"signals": self.signals} if self.signals else {}),
         }
 
     def to_json(self, path: str | Path) -> Path:
@@ -166,6 +177,7 @@ class PageScores:
             config=d["config"],
             meta=d.get("meta", {}),
             by_expert={m["name"]: [float(v) for v in m["experts"]] for m in d["modules"] if "experts" in m},
+            signals={k: {n: float(v) for n, v in vals.items()} for k, vals in d.get("signals", {}).items()},
         )
 
     @classmethod

@@ -135,6 +135,35 @@ def naive_page(model, batches, names, *, rank, projection="A", estimator="fisher
     return {n: float(sum((x / count).square().sum() for x in sums[n].values())) for n in names}, per_t
 
 
+def naive_mean_gradient(model, batches, names, *, rank, seed=0, lora_alpha=None) -> dict[str, torch.Tensor]:
+    """Oracle 1 for the mean projected gradient: ``s (1/N) sum_b G_b A^T`` ``[m, r]`` per module,
+    from each unpadded sample's full weight gradient ``G_b``, in float64."""
+    s = lora_scaling(rank, lora_alpha)
+    mods = dict(model.named_modules())
+    acc = {n: 0.0 for n in names}
+    count = 0
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    try:
+        for batch in batches:
+            for b in range(batch["input_ids"].shape[0]):
+                length = int(batch["attention_mask"][b].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
+                ids = batch["input_ids"][b : b + 1, :length]
+                labels = batch["labels"][b : b + 1, :length] if "labels" in batch else ids
+                model.zero_grad(set_to_none=True)
+                causal_lm_losses(model(input_ids=ids, use_cache=False).logits, labels)[0].backward()
+                count += 1
+                for n in names:
+                    g = _weight_grad(mods[n]).to(torch.float64)
+                    acc[n] = acc[n] + s * g @ draw_lora_A(n, rank, g.shape[1], seed).to(torch.float64).T
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, rg in flags:
+            p.requires_grad_(rg)
+    return {n: v / count for n, v in acc.items()}
+
+
 def peft_lora_energies(model, batches, scores, projection, rank, alpha):
     """Oracle 2: per-sample squared norm of the gradient of the trainable LoRA factor in peft."""
     from peft import LoraConfig, get_peft_model

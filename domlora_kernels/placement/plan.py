@@ -34,6 +34,7 @@ from typing import Any
 
 from ..scores import PageScores
 from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, rank_unit, vanilla_lora_params
+from .strategies import check_strategy, plan_strategy, signal_values, top_by_signal
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")
 
@@ -62,6 +63,8 @@ class Placement:
             adapter's; the first ``||lora_B.grad||^2`` equals the probe's energy times
             ``(adapter_scaling / probe_scaling) ** 2`` (1 when both use the same alpha).
         rule: how the targets were chosen: "top-k", "budget" or "top-p" (:mod:`~domlora_kernels.placement.budget`).
+        strategy: what the modules were ranked by (:mod:`~domlora_kernels.placement.strategies`):
+            "page" (PAGE, the paper's rule), "adam", "heldout", "pilot", "types" or "plop".
         budget: the parameter budget of a "budget" plan; top_p: the PAGE mass of a "top-p" plan.
         alphas: name -> alpha of the targets whose rank differs from ``r`` in a budget plan
             (their ``alpha_pattern``: it keeps their scaling at the base one).
@@ -83,6 +86,7 @@ class Placement:
     budget: int | None = None
     top_p: float | None = None
     alphas: dict[str, float] = field(default_factory=dict)
+    strategy: str = "page"
 
     @property
     def ratio(self) -> float:
@@ -93,7 +97,11 @@ class Placement:
         """Two or more lines: where the adapters sit and the trainable parameter count."""
         k = len(self.targets)
         adapters = f"DomLoRA ({self.variant}): {k} adapter{'s' if k > 1 else ''}"
-        if self.rule == "budget":
+        if self.rule == "budget" and self.strategy != "page":
+            head = f"{adapters}, by strategy {self.strategy!r} within a budget of {self.budget:,} parameters"
+        elif self.rule == "top-k" and self.strategy != "page":
+            head = f"{adapters} on the top-{k} module{'s' if k > 1 else ''} of strategy {self.strategy!r}"
+        elif self.rule == "budget":
             head = f"{adapters}, by PAGE per parameter within a budget of {self.budget:,} parameters"
         elif self.rule == "top-p":
             head = f"{adapters}, by PAGE per parameter until {100 * self.top_p:g}% of the PAGE mass"
@@ -222,6 +230,7 @@ class Plan:
     top_p: float | None = None
     alphas: dict[str, float] = field(default_factory=dict)
     expert_weights: frozenset[str] = frozenset()  # targets peft adapts through target_parameters
+    strategy: str = "page"
 
 
 def _settings_from_config(config: Any, r, lora_alpha, variant, peft_kwargs) -> tuple[int, float, str, bool]:
@@ -307,9 +316,44 @@ def _budget_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_pat
     return plan
 
 
-def make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs) -> Plan:
+def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_pattern, top_k, budget, top_p) -> Plan:
+    """A plan by a strategy other than PAGE (:mod:`~domlora_kernels.placement.strategies`)."""
+    s = plan.strategy
+    if rank_pattern is not None:
+        raise ValueError(f"strategy {s!r} chooses the ranks itself; drop rank_pattern")
+    if top_p is not None:
+        raise ValueError(f"top_p is a fraction of the PAGE mass, strategy 'page' only; give strategy {s!r} a budget")
+    if plan.variant == "adalora":
+        raise ValueError("variant 'adalora' allocates its ranks itself during training; use strategy 'page' with top_k")
+    if budget is None:
+        if s in ("types", "plop"):
+            raise ValueError(f"strategy {s!r} spreads a budget over every layer of its module types; give budget= "
+                             f"(e.g. '1%'), not top_k")
+        plan.targets = top_by_signal(scores, s, candidates, _check_int(1 if top_k is None else top_k, "top_k", 1,
+                                                                       len(candidates)))
+        plan.ranks = {n: plan.r for n in plan.targets}
+        return plan
+    if "alpha_pattern" in plan.peft_kwargs:
+        raise ValueError("a budget plan sets alpha_pattern itself (it keeps each module's scaling); remove alpha_pattern")
+    params = budget_params(budget, vanilla_lora_params(scores, plan.r))
+    ranks = plan_strategy(scores, s, candidates, plan.r, params, dora=plan.variant == "dora")
+    if not ranks:
+        raise ValueError(f"a budget of {params:,} parameters buys no adapter by strategy {s!r} (see "
+                         f"domlora_kernels.placement.strategies for its rule); raise the budget or choose another strategy")
+    values = {n: 0.0 for n in ranks} if s == "plop" else signal_values(scores, s)
+    plan.targets = sorted(ranks, key=lambda n: -values[n])  # highest value first; model order on ties
+    plan.ranks = {n: ranks[n] for n in plan.targets}
+    plan.alphas = {n: kept_scaling_alpha(plan.lora_alpha, plan.r, k, plan.use_rslora)
+                   for n, k in plan.ranks.items() if k != plan.r}
+    plan.rule, plan.budget = "budget", params
+    return plan
+
+
+def make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs,
+              strategy="page") -> Plan:
     """Validate the arguments once and choose the targets, their ranks and, for budget plans, alphas."""
     _check_scores(scores)
+    strategy = check_strategy(strategy)
     if config is not None:
         r, lora_alpha, variant, rslora = _settings_from_config(config, r, lora_alpha, variant, peft_kwargs)
         candidates, init = _config_candidates(scores, config), config.init_lora_weights
@@ -320,8 +364,10 @@ def make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p
     if sum(x is not None for x in (top_k, budget, top_p)) > 1:
         raise ValueError("give one of top_k (a number of modules), budget (parameters or a fraction) and top_p "
                          "(a fraction of the PAGE mass)")
-    plan = Plan([], {}, r, lora_alpha, variant, rslora, init, config, dict(peft_kwargs))
-    if budget is not None or top_p is not None:
+    plan = Plan([], {}, r, lora_alpha, variant, rslora, init, config, dict(peft_kwargs), strategy=strategy)
+    if strategy != "page":
+        plan = _strategy_plan(plan, scores, candidates, rank_pattern, top_k, budget, top_p)
+    elif budget is not None or top_p is not None:
         plan = _budget_plan(plan, scores, candidates, rank_pattern, budget, top_p)
     else:
         plan.targets = _top(scores, candidates, 1 if top_k is None else top_k)

@@ -64,6 +64,7 @@ def domlora_config(
     budget: int | float | str | None = None,
     top_p: float | None = None,
     config: Any = None,
+    strategy: str = "page",
     **peft_kwargs: Any,
 ):
     """The peft config that puts adapters on the highest-PAGE modules, by exact full name.
@@ -97,6 +98,10 @@ def domlora_config(
             and ``config`` itself is not changed. Its ``target_modules`` (None or "all-linear":
             every probed module) and ``exclude_modules`` bound the choice, by peft's own matching. ``r``, ``lora_alpha``, ``variant`` and
             ``peft_kwargs`` then come from the config and must not be passed.
+        strategy: what the modules are ranked by (:mod:`domlora_kernels.placement.strategies`):
+            "page" (PAGE, the paper's rule; the default), "adam", "heldout", "pilot" (each
+            needs its signal in ``scores``: :func:`~domlora_kernels.measure_signals`),
+            "types" or "plop" (these two spread a ``budget`` over whole module types).
         **peft_kwargs: passed to the peft config (``lora_dropout``, ``bias``, ``total_step``,
             ``tinit``, ...). ``task_type`` defaults to "CAUSAL_LM".
 
@@ -116,7 +121,8 @@ def domlora_config(
         >>> cfg = domlora_config(scores, budget=20000, config=LoraConfig(init_lora_weights="eva", ...))  # doctest: +SKIP
         >>> model = peft.get_peft_model(model, cfg)                       # doctest: +SKIP
     """
-    plan = make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs)
+    plan = make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs,
+                     strategy)
     return peft_config(plan)
 
 
@@ -127,7 +133,8 @@ def _plan_as_config(scores: Any, args: tuple, kwargs: dict[str, Any]) -> Plan:
     except TypeError as e:
         raise TypeError(f"apply_domlora(model, scores, ...) takes domlora_config's arguments after the model: {e}") from None
     names = ("r", "lora_alpha", "top_k", "variant", "rank_pattern", "budget", "top_p", "config")
-    return make_plan(scores, *(given.get(n) for n in names), given.get("peft_kwargs", {}))
+    return make_plan(scores, *(given.get(n) for n in names), given.get("peft_kwargs", {}),
+                     given.get("strategy", "page"))
 
 
 def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:
@@ -299,7 +306,7 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
         vanilla_lora_params=vanilla_lora_params(scores, plan.r), num_candidates=len(scores.modules),
         copied_A=copied, kept_peft_init=kept, probe_scaling=scores.config.get("scaling"),
         adapter_scaling=None if plan.variant == "adalora" else lora_scaling(plan.r, plan.lora_alpha, plan.use_rslora),
-        rule=plan.rule, budget=plan.budget, top_p=plan.top_p, alphas=plan.alphas,
+        rule=plan.rule, budget=plan.budget, top_p=plan.top_p, alphas=plan.alphas, strategy=plan.strategy,
     )
     pm.domlora_placement = placement
     if verbose:

@@ -330,4 +330,18 @@ def _collect(sites, num_samples: int, config: dict, meta: dict) -> PageScores:
     modules = {s.cand.name: ModuleInfo(s.cand.layer, s.cand.type, s.cand.in_features, s.cand.out_features,
                                        s.cand.num_experts, s.cand.parameter is not None) for s in sites}
     by_expert = {s.cand.name: s.by_expert.mean(dim=0).tolist() for s in sites if isinstance(s, ExpertSite)}
-    return PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta, by_expert)
+    out = PageScores(scores, by_seed, per_sample, modules, num_samples, config, meta, by_expert)
+    if config["estimator"] == "gradient":
+        out.mean_gradient = {s.cand.name: mean_gradient(s, num_samples, config["scaling"]) for s in sites}
+        # Adam's first step moves every entry by -lr sign(g): the loss falls by lr ||g||_1 (first order)
+        out.signals["adam"] = {n: float(g.abs().flatten(1).sum(dim=1).mean()) for n, g in out.mean_gradient.items()}
+    return out
+
+
+def mean_gradient(site: Site, num_samples: int, scaling: float) -> torch.Tensor:
+    """A site's mean projected gradient over the samples, scaled: ``[k, ...]`` float64 CPU, the
+    factors of all its projections side by side (zeros for a module that got no gradient)."""
+    shapes = site.grad_shapes()
+    parts = [site.grad_sum[key].to("cpu", torch.float64) if key in site.grad_sum
+             else torch.zeros(shape, dtype=torch.float64) for key, shape in shapes.items()]
+    return torch.cat([p.flatten(1) for p in parts], dim=1) * (scaling / num_samples)

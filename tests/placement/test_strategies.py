@@ -1,0 +1,107 @@
+"""Placement strategies: every plan within its budget, deterministic, and clear errors."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from domlora_kernels import STRATEGIES, apply_domlora, domlora_config, measure_signals
+from domlora_kernels.placement.budget import budget_params, rank_unit, vanilla_lora_params
+from domlora_kernels.placement.strategies import plan_strategy
+from domlora_kernels.testing import sample_batch, tiny_model
+
+
+def _batches():
+    return [sample_batch([9, 5, 12], seed=1), sample_batch([7, 12], seed=2), sample_batch([8, 6], seed=3)]
+
+
+@pytest.fixture(scope="module")
+def scores():
+    """One probe carrying every signal (gradient estimator, then held-out and pilot signals added)."""
+    model = tiny_model("llama")
+    s = measure_signals(model, _batches(), "heldout", rank=4, progress=False)
+    s.signals["pilot"] = measure_signals(model, _batches(), "pilot", rank=4, progress=False,
+                                         pilot={"steps": 2}).signals["pilot"]
+    return s
+
+
+def _params(scores, ranks, dora=False):
+    return sum(k * rank_unit(scores.modules[n]) + (scores.modules[n].out_features if dora else 0)
+               for n, k in ranks.items())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("fraction", [0.01, 0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("dora", [False, True])
+def test_every_plan_stays_within_its_budget_and_repeats(scores, strategy, fraction, dora):
+    budget = budget_params(fraction, vanilla_lora_params(scores, 4))
+    ranks = plan_strategy(scores, strategy, list(scores.scores), 4, budget, dora)
+    assert _params(scores, ranks, dora) <= budget
+    assert all(1 <= k <= 4 for k in ranks.values())
+    assert ranks == plan_strategy(copy.deepcopy(scores), strategy, list(scores.scores), 4, budget, dora)
+
+
+def test_types_spread_whole_types_at_one_rank_and_plop_takes_v_o_down(scores):
+    vanilla = vanilla_lora_params(scores, 4)
+    types = plan_strategy(scores, "types", list(scores.scores), 4, vanilla // 2)
+    chosen = {scores.modules[n].type for n in types}
+    for t in chosen:  # every layer of a chosen type, at one rank
+        assert {n for n in scores.scores if scores.modules[n].type == t} <= set(types)
+    assert len(set(types.values())) == 1
+    plop = plan_strategy(scores, "plop", list(scores.scores), 4, vanilla // 2)
+    assert {scores.modules[n].type for n in plop} == {"v_proj", "o_proj", "down_proj"}
+    assert len(plop) == 3 * 2 and len(set(plop.values())) == 1
+
+
+def test_heldout_never_places_a_module_whose_gain_is_negative(scores):
+    negative = [n for n, v in scores.signals["heldout"].items() if v <= 0]
+    ranks = plan_strategy(scores, "heldout", list(scores.scores), 4, vanilla_lora_params(scores, 4))
+    assert not set(negative) & set(ranks)
+
+
+@pytest.mark.parametrize("strategy", ["adam", "heldout", "pilot", "types", "plop"])
+def test_each_strategy_end_to_end_through_peft(scores, strategy):
+    model = tiny_model("llama")
+    pm = apply_domlora(model, scores, budget="30%", strategy=strategy, r=4, verbose=False)
+    p = pm.domlora_placement
+    assert p.strategy == strategy and p.rule == "budget"
+    assert p.trainable_params <= p.budget
+    assert p.trainable_params == sum(k * rank_unit(scores.modules[n]) for n, k in p.ranks.items())
+    out = pm(**{k: v for k, v in _batches()[0].items()}).logits
+    assert torch.isfinite(out).all()
+
+
+def test_top_k_by_a_signal(scores):
+    cfg = domlora_config(scores, top_k=2, strategy="adam")
+    adam = scores.signals["adam"]
+    want = sorted(adam, key=lambda n: -adam[n])[:2]
+    assert re.fullmatch(cfg.target_modules, want[0]) and re.fullmatch(cfg.target_modules, want[1])
+    assert sum(bool(re.fullmatch(cfg.target_modules, n)) for n in scores.scores) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strategy": "best", "budget": "1%"}, "unknown strategy 'best'"),
+    ({"strategy": 3, "budget": "1%"}, "unknown strategy 3"),
+    ({"strategy": "types", "top_k": 2}, "give budget="),
+    ({"strategy": "adam", "top_p": 0.5}, "top_p is a fraction of the PAGE mass"),
+    ({"strategy": "adam", "budget": "1%", "rank_pattern": "page"}, "drop rank_pattern"),
+    ({"strategy": "adam", "budget": 3}, "buys no adapter by strategy 'adam'"),
+    ({"strategy": "adam", "variant": "adalora", "total_step": 10, "budget": "5%"}, "adalora"),
+])
+def test_bad_strategy_settings_are_refused(scores, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        domlora_config(scores, **kwargs)
+
+
+def test_a_signal_the_scores_lack_is_named_with_how_to_measure_it():
+    from domlora_kernels import page_scores
+
+    fisher = page_scores(tiny_model("llama"), _batches(), rank=4, progress=False)
+    with pytest.raises(ValueError, match="needs the 'adam' signal.*estimator='gradient'"):
+        domlora_config(fisher, budget="10%", strategy="adam")
+    with pytest.raises(ValueError, match="needs the 'pilot' signal.*measure_signals"):
+        domlora_config(fisher, budget="10%", strategy="pilot")
+    assert domlora_config(fisher, budget="50%", strategy="plop").target_modules  # data-free: no signal needed
