@@ -31,16 +31,27 @@ PILOT_DEFAULTS = {"steps": 30, "rank": 1, "lr": 1e-2}
 
 
 def split_halves(batches: Iterable[Mapping[str, Any]]) -> tuple[list, list]:
-    """Alternate batches into a training half and a held-out half (batch 0 trains).
+    """A training half and a held-out half of the calibration set: alternate batches (batch 0
+    trains), or, for a single batch, alternate rows (row 0 trains).
 
     Raises:
-        ValueError: fewer than two batches.
+        ValueError: fewer than two samples to split.
     """
     batches = list(batches)
-    if len(batches) < 2:
-        raise ValueError(f"strategy 'heldout' splits the calibration batches into two halves and needs at least "
-                         f"2 batches, got {len(batches)}; pass more samples or a smaller batch size")
-    return batches[0::2], batches[1::2]
+    if len(batches) >= 2:
+        return batches[0::2], batches[1::2]
+    rows = _rows(batches[0]) if batches else 0
+    if rows < 2:
+        raise ValueError(f"strategy 'heldout' splits the calibration samples into two halves and needs at least "
+                         f"2 of them, got {rows}; pass more samples")
+    (batch,) = batches
+    return ([{k: v[0::2] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}],
+            [{k: v[1::2] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}])
+
+
+def _rows(batch: Any) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    return int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 0
 
 
 def heldout_signal(train: PageScores, heldout: PageScores) -> dict[str, float]:

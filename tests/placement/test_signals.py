@@ -110,8 +110,10 @@ def test_heldout_needs_two_batches_and_bad_strategy_is_refused():
     from domlora_kernels.placement.signals import measure_signals
 
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="at least 2 batches"):
-        measure_signals(model, _batches()[:1], "heldout", progress=False)
+    with pytest.raises(ValueError, match="at least 2 of them, got 1"):
+        measure_signals(model, [sample_batch([5], seed=1)], "heldout", progress=False)
+    one = measure_signals(model, _batches()[:1], "heldout", progress=False)  # one batch: its rows alternate
+    assert one.num_samples == 2 and one.meta["heldout_samples"] == 1
     with pytest.raises(ValueError, match="unknown strategy 'best'"):
         measure_signals(model, _batches(), "best", progress=False)
     with pytest.raises(ValueError, match="for strategy 'pilot'"):

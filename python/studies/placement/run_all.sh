@@ -30,6 +30,12 @@ QUEUE_A=(page_top1:0.007 lora_all:0.007 page_budget:0.007 shallow_down:0.007 pag
          page_top1:0.05 shallow_down:0.05)
 QUEUE_B=(eva:0.007 random_module:0.007 kappatune:0.007 plop_vod:0.05 eva:0.05 kappatune:0.05 random_module:0.05
          plop_vod:0.007)
+# The package's strategy arms (docs/placement_protocol.md), after the arms above. Their wide plans
+# (types, at 5%) start the rate grid at 1e-3, not 1e-4: plop_vod's pick at 5% was 1e-2, so a grid
+# from 1e-4 would spend its first points below it and extend twice.
+STRATEGY_LR=(--lr-multi 0.001)
+QUEUE_SA=(adam:0.007 types:0.007 adam:0.05 types:0.05)
+QUEUE_SB=(heldout:0.007 pilot:0.007 heldout:0.05 pilot:0.05)
 
 # Gemma 3's reduced plan, about 3 hours of the 2-core machine (CUT=1; python/results/placement/gemma3/plan_cut.txt):
 # the core test on the budget task alone, in parallel with that task's budget stage at 0.7% plus
@@ -47,6 +53,7 @@ queue() {  # one budget call per "arms:budgets" entry, in order
         budget --budget-arms "${e%%:*}" --budgets "${e##*:}" || return
     done
 }
+squeue() { local e; for e in "$@"; do budget "${STRATEGY_LR[@]}" --budget-arms "${e%%:*}" --budgets "${e##*:}" || return; done; }
 both() {  # two commands (strings of the functions above) in parallel; fail if either fails
     eval "$1" & local a=$!
     eval "$2" & local b=$!
@@ -69,4 +76,5 @@ fi
 both "core ${CORE_TASKS[0]}" "core ${CORE_TASKS[1]}"
 budget --budget-arms=
 both "queue ${QUEUE_A[*]}" "queue ${QUEUE_B[*]}"
+both "squeue ${QUEUE_SA[*]}" "squeue ${QUEUE_SB[*]}"
 "$PY" "${STUDY[@]}" --stage report

@@ -85,7 +85,10 @@ RANDOM_MODULE_SEED = 1234
 PLOP_TYPES = ("v_proj", "o_proj", "down_proj")
 CORE_RANKS = (1, 2, 3, 5, 10, 20, 40, 80)
 METRIC_SEEDS = 3  # seeds 0-2 each grade their own n_metric items
-BUDGET_ARMS = ("page_top1", "page_budget", "shallow_down", "random_module", "plop_vod", "eva", "kappatune")
+# The package's placement strategies other than PAGE (domlora_kernels.placement.strategies), each
+# planned by the package from the signal it measures on the probe's batches (strategies_TASK.json)
+STRATEGY_ARMS = ("adam", "heldout", "pilot", "types")
+BUDGET_ARMS = ("page_top1", "page_budget", "shallow_down", "random_module", "plop_vod", "eva", "kappatune") + STRATEGY_ARMS
 REFERENCE_ARMS = ("lora_all", "lora_qv")
 # The cut that fits a family into about 3 hours of one idle core (--plan): the core test on the
 # two tasks whose metrics did not saturate in the first study (chat and code reached 1.000 for
@@ -434,6 +437,9 @@ def budget_arm(arm: str, pred: dict, budget: int, decisions: dict) -> dict[str, 
         return fill_order(order, mods, budget, eva) or "EVA's highest-rank module does not fit"
     if arm == "kappatune":
         return fill_order(decisions["kappa_order"], mods, budget, {n: 8 for n in names}) or "no KappaTune module fits"
+    if arm in STRATEGY_ARMS:
+        plan = decisions["strategies"][arm][str(budget)]
+        return plan if plan else f"strategy {arm!r} buys no adapter within {budget:,} parameters"
     if arm == "lora_all":
         return {n: 8 for n in names}
     if arm == "lora_qv":
@@ -478,6 +484,39 @@ def decisions_for(model, pred: dict, data: dict, cfg: Cfg, pad_id: int, task: st
     path.write_text(json.dumps(out, indent=1))
     log(f"[{task}] decisions: PAGE budget plans {[len(p) for p in plans.values()]} modules, EVA ranks in "
         f"{eva_s:.0f}s ({sum(v > 0 for v in eva.values())} modules > 0), KappaTune first {kappa[:1]}")
+    return out
+
+
+def strategy_decisions(model, pred: dict, data: dict, cfg: Cfg, pad_id: int, task: str, log) -> dict:
+    """Each strategy arm's plan at each budget, planned by the package from the signal it measures
+    on the probe's batches (rank 8, alpha 16: the study's scaling), with the seconds that took;
+    cached in ``strategies_TASK.json`` (apart from ``decisions_TASK.json``, which predates them)."""
+    path = cfg.dir / f"strategies_{task}.json"
+    budgets = sorted(set(cfg.budgets) | set(Cfg.__dataclass_fields__["budgets"].default_factory()))
+    if path.exists():
+        cached = json.loads(path.read_text())
+        vanilla = vanilla_params(pred)
+        if all(str(int(b * vanilla)) in plans for b in cfg.budgets for plans in cached["strategies"].values()):
+            return cached
+    from domlora_kernels.placement import measure_signals
+    from domlora_kernels.placement.strategies import plan_strategy
+
+    batches = _probe_batches(data, cfg, pad_id)
+    names = list(pred["modules"])
+    vanilla = vanilla_params(pred)
+    out: dict = {"plans": {}, "seconds": {}}
+    for arm in STRATEGY_ARMS:
+        t0 = time.time()
+        pilot = {"steps": 2} if cfg.smoke and arm == "pilot" else None
+        scores = measure_signals(model, batches, arm, rank=8, lora_alpha=16, target_modules=names, progress=False,
+                                 pilot=pilot)
+        out["seconds"][arm] = time.time() - t0
+        out["plans"][arm] = {str(int(b * vanilla)): plan_strategy(scores, arm, names, 8, int(b * vanilla))
+                             for b in budgets}
+        log(f"[{task}] strategy {arm}: {out['seconds'][arm]:.0f}s, plans of "
+            f"{[len(p) for p in out['plans'][arm].values()]} modules")
+    out["strategies"] = out.pop("plans")
+    path.write_text(json.dumps(out, indent=1))
     return out
 
 
@@ -826,11 +865,17 @@ def plan_runs(cfg: Cfg) -> list[dict]:
         if task not in cfg.budget_tasks:
             continue
         decisions = json.loads(df.read_text()) if df.exists() else None
+        sf = cfg.dir / f"strategies_{task}.json"
+        if decisions is not None and sf.exists():
+            decisions = {**decisions, **json.loads(sf.read_text())}
+        elif decisions is not None:  # strategy arms planned later: counted like the other data-driven ones
+            decisions = None
         vanilla = vanilla_params(pred)
         # before --stage budget has computed them, a data-driven plan is counted as the number of
         # rank-8 modules of mean size the budget buys
         mean_unit = vanilla / len(mods)
-        arms = [budget_arm(a, pred, int(b * vanilla), decisions) if decisions or a not in ("page_budget", "eva", "kappatune")
+        arms = [budget_arm(a, pred, int(b * vanilla), decisions)
+                if decisions or a not in ("page_budget", "eva", "kappatune") + STRATEGY_ARMS
                 else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS
                 if a in cfg.budget_arms]
         arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS if a in cfg.budget_arms]
@@ -936,7 +981,10 @@ def run_stages(cfg: Cfg, stages: list[str]) -> None:
         if "core" in stages and task in cfg.core_tasks:
             stage_core(ctx)
         if "budget" in stages and task in cfg.budget_tasks:
-            stage_budget(ctx, decisions_for(base, pred, data, cfg, tok.pad_token_id, task, log))
+            decisions = decisions_for(base, pred, data, cfg, tok.pad_token_id, task, log)
+            if not cfg.budget_arms or any(a in cfg.budget_arms for a in STRATEGY_ARMS):  # [] = decisions only
+                decisions = {**decisions, **strategy_decisions(base, pred, data, cfg, tok.pad_token_id, task, log)}
+            stage_budget(ctx, decisions)
     log(f"stages {stages} of {cfg.family} done")
 
 
