@@ -34,8 +34,9 @@ QUEUE_B=(eva:0.007 random_module:0.007 kappatune:0.007 plop_vod:0.05 eva:0.05 ka
 # (types, at 5%) start the rate grid at 1e-3, not 1e-4: plop_vod's pick at 5% was 1e-2, so a grid
 # from 1e-4 would spend its first points below it and extend twice.
 STRATEGY_LR=(--lr-multi 0.001)
-QUEUE_SA=(adam:0.007 types:0.007 adam:0.05 types:0.05)
-QUEUE_SB=(heldout:0.007 pilot:0.007 heldout:0.05 pilot:0.05)
+# heldout after adam in one queue: where the two plan alike, heldout's runs are adam's, copied
+QUEUE_SA=(adam:0.007 heldout:0.007 adam:0.05 heldout:0.05)
+QUEUE_SB=(types:0.007 pilot:0.007 types:0.05 pilot:0.05)
 
 # Gemma 3's reduced plan, about 3 hours of the 2-core machine (CUT=1; python/results/placement/gemma3/plan_cut.txt):
 # the core test on the budget task alone, in parallel with that task's budget stage at 0.7% plus

@@ -636,11 +636,11 @@ def one_run(ctx: Ctx, stage: str, arm: str, ranks: dict[str, int], lr: float, se
     key = Runs.key(ctx.task, stage, arm, lr, seed, phase)
     if key in ctx.runs.done:
         return ctx.runs.done[key]
-    same = same_core_run(ctx, stage, ranks, lr, seed, phase)
-    if same is not None:  # a single-module budget arm the core test already trained: same run, same numbers
-        r = {**same, "key": key, "stage": stage, "arm": arm, "same_as": same["key"]}
+    same = same_core_run(ctx, stage, ranks, lr, seed, phase) or same_budget_run(ctx, stage, ranks, lr, seed, phase)
+    if same is not None:  # an adapter already trained (core test, or another arm's identical plan): same numbers
+        r = {**same, "key": key, "stage": stage, "arm": arm, "same_as": same.get("same_as", same["key"])}
         ctx.runs.add(r)
-        ctx.log(f"[{ctx.task}] {stage}/{arm} lr={lr:.3g} seed={seed} {phase}: the core run {same['key']}")
+        ctx.log(f"[{ctx.task}] {stage}/{arm} lr={lr:.3g} seed={seed} {phase}: the run {r['same_as']}")
         return r
     cfg, pad = ctx.cfg, ctx.render.tok.pad_token_id
     t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()[0]
@@ -680,6 +680,18 @@ def same_core_run(ctx: Ctx, stage: str, ranks: dict[str, int], lr: float, seed: 
     (name, _), = ranks.items()
     r = ctx.runs.done.get(Runs.key(ctx.task, "core", name, lr, seed, phase))
     return r if r is not None and r["ranks"] == ranks else None
+
+
+def same_budget_run(ctx: Ctx, stage: str, ranks: dict[str, int], lr: float, seed: int, phase: str) -> dict | None:
+    """The finished budget run of another arm with the same plan (modules and ranks), rate, seed
+    and phase, which this run would repeat exactly (two strategies can plan alike), or None."""
+    if stage != "budget" or not ranks:
+        return None
+    for r in ctx.runs.done.values():
+        if (r["stage"] == "budget" and r["task"] == ctx.task and r["lr"] == lr and r["seed"] == seed
+                and r["phase"] == phase and r["ranks"] == ranks):
+            return r
+    return None
 
 
 def _state_path(ctx: Ctx, stage: str, arm: str, lr: float) -> Path:
