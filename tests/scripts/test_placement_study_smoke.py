@@ -185,13 +185,16 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
 
     # a single-module budget arm at the core budget and its type's core rate repeats a core run
     # exactly (on SmolLM2, maths, the two were trained apart and agree bit for bit): it is copied
+    # and a budget arm whose plan another arm already trained (same modules, ranks, rate, seed) is copied too
     reused = [r for r in runs if r.get("same_as")]
-    assert reused and all(r["stage"] == "budget" and r["seed"] == 0 and len(r["ranks"]) == 1 for r in reused)
     by_key = {r["key"]: r for r in runs}
+    from_core = [r for r in reused if by_key[r["same_as"]]["stage"] == "core"]
+    assert from_core and all(r["stage"] == "budget" and r["seed"] == 0 and len(r["ranks"]) == 1 for r in from_core)
     for r in reused:
-        core_run = by_key[r["same_as"]]
-        assert core_run["stage"] == "core" and core_run["ranks"] == r["ranks"] and core_run["lr"] == r["lr"]
-        assert core_run["test_losses"] == r["test_losses"]
+        first = by_key[r["same_as"]]
+        assert not first.get("same_as") and first["key"] != r["key"] and r["stage"] == "budget"
+        assert first["ranks"] == r["ranks"] and first["lr"] == r["lr"] and first["seed"] == r["seed"]
+        assert first.get("test_losses") == r.get("test_losses") and first.get("val_losses") == r.get("val_losses")
 
     _smoke(out)  # resume: every run is found finished
     assert (fam / "runs.jsonl").read_text().splitlines() == lines
