@@ -5,6 +5,7 @@ From the repository root:
     python -m benchmarks.bench_probe --workload all           # headline + every sweep + plots
     python -m benchmarks.bench_probe --workload tokens        # one sweep: tokens|batch|rank|width
     python -m benchmarks.bench_probe --workload moe           # a Mixtral-shaped mixture of experts
+    python -m benchmarks.bench_probe --workload strategies    # what each placement strategy costs
     python -m benchmarks.bench_probe --plot-only              # plots from the saved JSON
 
 Providers (benchmarks/providers.py), all on the same model and the same token ids:
@@ -94,6 +95,10 @@ DECISION_PROVIDERS = ["eva", "kappatune"]
 ALL_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample", "torch.func", "probe-expected", "opacus",
                  *DECISION_PROVIDERS]
 SWEEP_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample"]
+# What each placement strategy of the package runs before it can plan (domlora_kernels.placement.
+# strategies), beside the probe, the floor, one training step of vanilla LoRA and the peers
+STRATEGY_PROVIDERS = ["probe", "floor", "lora-step", "strategy-adam", "strategy-heldout", "strategy-pilot",
+                      *DECISION_PROVIDERS]
 # Timed rounds per workload unless --repeats says otherwise: the headline is the median of
 # at least 7 interleaved rounds; each sweep point 3.
 DEFAULT_REPEATS = {"headline": 7}
@@ -121,6 +126,7 @@ def workloads() -> dict[str, list[dict]]:
         "rank": [pt(f"r={r}", SMOLLM2, 8, 128, r, ["probe", "floor", "autograd"], memory=False) for r in (1, 8, 64, 256)],
         "width": [pt(label, spec, 1, 128, 8, SWEEP_PROVIDERS + DECISION_PROVIDERS) for label, spec in WIDTHS],
         "moe": [pt("mixtral-shape B=4 T=128 r=8", MIXTRAL_SHAPE, 4, 128, 8)],
+        "strategies": [pt("smollm2 B=8 T=128 r=8", SMOLLM2, 8, 128, 8, STRATEGY_PROVIDERS)],
     }
 
 

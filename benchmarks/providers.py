@@ -358,8 +358,97 @@ class KappaTune(Provider):
                 "candidates_picked": sum(n in cands for n in self._picked), "modules": self._picked}
 
 
+class StrategyAdam(Provider):
+    """The package's ``adam`` and ``types`` strategies: one probe with the gradient estimator, whose
+    exact mean projected gradient gives Adam's first-step decrease per module (its L1 norm)."""
+
+    name = "strategy-adam"
+    kind = None
+    decision = "module ranking by Adam's first-step loss decrease (mean projected gradient, L1)"
+
+    def run(self) -> None:
+        self._s = page_scores(self.model, [{"input_ids": self.ids}], rank=self.rank, estimator="gradient",
+                              progress=False)
+        return None
+
+    def outcome(self) -> dict:
+        adam = self._s.signals["adam"]
+        return {"top_module": max(adam, key=adam.get)}
+
+
+class StrategyHeldout(StrategyAdam):
+    """The ``heldout`` strategy: a gradient probe on each half of the batch (rows alternate), then
+    the held-out half's mean gradient against the sign of the training half's."""
+
+    name = "strategy-heldout"
+    decision = "module ranking by the held-out loss decrease under Adam's first step on the other half"
+
+    def run(self) -> None:
+        from domlora_kernels import measure_signals
+
+        self._s = measure_signals(self.model, [{"input_ids": self.ids}], "heldout", rank=self.rank, progress=False)
+        return None
+
+    def outcome(self) -> dict:
+        held = self._s.signals["heldout"]
+        return {"top_module": max(held, key=held.get)}
+
+
+class StrategyPilot(Provider):
+    """The ``pilot`` strategy's own work (the probe it also runs for the module list is the
+    ``probe`` row): LoRA rank 1 on every candidate, 30 AdamW steps on the batch, one forward to
+    score each module's realised update."""
+
+    name = "strategy-pilot"
+    kind = None
+    decision = "module ranking by what a 30-step rank-1 all-module LoRA pilot realised (||s B A x||)"
+    slow = True
+
+    def run(self) -> None:
+        from domlora_kernels.placement.signals import PILOT_DEFAULTS, pilot_signal
+
+        names = [c.name for c in self.cands if c.parameter is None]
+        self._pilot = pilot_signal(self.model, [{"input_ids": self.ids}], names, **PILOT_DEFAULTS)
+        return None
+
+    def outcome(self) -> dict:
+        return {"top_module": max(self._pilot, key=self._pilot.get), "steps": 30}
+
+
+class LoraStep(Provider):
+    """One training step of vanilla LoRA (rank r on every candidate module, AdamW): the unit a
+    strategy's cost is also given in ("x one training step")."""
+
+    name = "lora-step"
+    kind = None
+    decision = "(reference) one AdamW step of vanilla LoRA on every candidate module"
+
+    def prepare(self) -> None:
+        import peft
+
+        self._pm = peft.get_peft_model(self.model, peft.LoraConfig(
+            r=self.rank, lora_alpha=2 * self.rank, target_modules=[c.name for c in self.cands if c.parameter is None]))
+        self._opt = torch.optim.AdamW([p for p in self._pm.parameters() if p.requires_grad], lr=1e-4)
+
+    def run(self) -> None:
+        with torch.enable_grad():
+            _losses(self._pm, self.ids).mean().backward()
+        self._opt.step()
+        self._opt.zero_grad(set_to_none=True)
+        return None
+
+    def teardown(self) -> None:
+        self._pm.unload()
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+
+    def outcome(self) -> dict:
+        return {}
+
+
 PROVIDERS: dict[str, Callable[..., Provider]] = {
-    p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus, Eva, KappaTune)
+    p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus, Eva, KappaTune,
+                        StrategyAdam, StrategyHeldout, StrategyPilot, LoraStep)
 }
 
 

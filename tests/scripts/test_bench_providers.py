@@ -131,3 +131,21 @@ def test_harness_caps_rounds_skips_checks_and_writes_passes(model, tmp_path, mon
     assert got["probe"]["passes"] == "" and got["kappatune"]["decision"] == P.KappaTune.decision
     assert json.loads((tmp_path / "width.json").read_text())["points"][0]["not_checked"]
     assert [p.name for p in B.plot()] == ["width.png"]
+
+
+@pytest.mark.parametrize("name", ["strategy-adam", "strategy-heldout", "strategy-pilot", "lora-step"])
+def test_strategy_providers_run_and_leave_the_model_as_found(model, ids, name):
+    before = _state(model)
+    p = P.PROVIDERS[name](model, ids, RANK)
+    p.prepare()
+    assert p.run() is None
+    p.teardown()
+    out = p.outcome()
+    assert _same_state(before, _state(model)) and not hasattr(model, "peft_config")
+    if name != "lora-step":
+        assert out["top_module"] in {c.name for c in find_candidates(model)}
+
+
+def test_strategies_workload_names_known_providers():
+    (point,) = B.workloads()["strategies"]
+    assert set(point["providers"]) <= set(P.PROVIDERS)
