@@ -3,16 +3,24 @@
 ``domlora probe`` with no arguments probes the embedded default model (SmolLM2-135M-Instruct)
 on the calibration set shipped in the package, prints the ranked modules and the dominant
 one, and writes a JSON report.
+
+Every argument is checked before the model is loaded (the output paths, the probe's settings,
+the placement's ``--top-k`` / ``--budget`` / ``--top-p`` / ``--variant`` on a dry run); what
+depends on the model (``--top-k`` beyond the number of modules) right after it is loaded,
+before the probe. The JSON files are written atomically (a temporary file, then a rename).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
-from .errors import MissingExtraError
+from .errors import USER_ERRORS, MissingExtraError
 from .models import DEVICE_MAPS, DTYPES
 from .ops import BACKENDS
 from .probe import ESTIMATORS, PROJECTIONS
@@ -20,8 +28,6 @@ from .probe import ESTIMATORS, PROJECTIONS
 DEFAULT_OUT = Path("domlora_out") / "page_scores.json"
 DEFAULT_ADAPTER_ALPHA = 16.0  # `apply` without --lora-alpha: peft's customary alpha = 2 r at r = 8
 
-# a user's mistake: one "error:" line and exit status 2 (see errors.py); anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, MissingExtraError)
 
 
 def _positive(kind):
@@ -117,36 +123,71 @@ def _records(args: argparse.Namespace) -> list[dict]:
 
 
 def _batches(records: list[dict], tok, args: argparse.Namespace) -> list:
-    """make_batches, with the plain-chat fallback reported as one "note:" line instead of a warning."""
+    """make_batches, with the plain-chat fallback and unknown chat roles reported as one "note:"
+    line each instead of a warning."""
     import warnings
 
-    from .data import ChatTemplateFallbackWarning, make_batches
+    from .data import ChatTemplateFallbackWarning, UnknownRoleWarning, make_batches
 
+    notes = (ChatTemplateFallbackWarning, UnknownRoleWarning)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ChatTemplateFallbackWarning)
+        for cls in notes:
+            warnings.simplefilter("always", cls)
         batches = make_batches(records, tok, args.batch_size, args.max_length)
     for w in caught:
-        if issubclass(w.category, ChatTemplateFallbackWarning):
+        if issubclass(w.category, notes):
             print(f"note: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return batches
 
 
-def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False):
+def _check_out_file(path: Path, flag: str) -> None:
+    """A file the command will write: not a folder, and under a folder (or one it can create)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {str(path)!r} is a folder; give a file name, e.g. {str(path / 'page_scores.json')!r}")
+    _check_out_dir(path.parent, flag, of=path)
+
+
+def _check_out_dir(path: Path, flag: str, of: Path | None = None) -> None:
+    """A folder the command will write into: no file in its place or above it, and writable."""
+    shown = str(of if of is not None else path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{flag} {shown!r}: {str(folder)!r} is a file, not a folder; choose another path")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"{flag} {shown!r}: the folder {str(folder)!r} is not writable; choose another path")
+            return
+
+
+def _check_probe_args(args: argparse.Namespace, lora_alpha: float | None) -> None:
+    """What page_scores would refuse, checked before the model is loaded."""
+    from .probe.candidates import check_selection
+    from .probe.checks import validate
+
+    validate(args.rank, args.projection, args.estimator, args.backend, _seeds(args), lora_alpha, [], None)
+    check_selection(_target(args.target_modules))
+
+
+def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False, check_model=None):
     """Load the model and data named by ``args`` and probe at the LoRA scaling of ``lora_alpha``
     (``use_rslora``: ``alpha / sqrt(rank)``); returns ``(scores, model, tokenizer)``.
 
+    ``check_model(model)``, if given, runs after the model is loaded and before the probe.
     Under torchrun, load_model puts each rank's model on its own device (``cuda:LOCAL_RANK``)."""
     from .distributed import gather_ints, rank_and_world, shard
     from .models import DEFAULT_NAME, load_model
     from .probe import page_scores
 
+    _check_probe_args(args, lora_alpha)
     records = _records(args)  # data errors before the (slow) model load
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
                             load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
     t_load = time.perf_counter() - t0
+    if check_model is not None:
+        check_model(model)
     if args.num_samples is not None:
         records = records[: args.num_samples]
     # under torchrun each rank probes its contiguous share; page_scores merges them rank-major
@@ -174,6 +215,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .distributed import rank_and_world
     from .report import text_report
 
+    _check_out_file(args.out, "--out")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise MissingExtraError("--plot needs matplotlib: `pip install 'domlora_kernels[plot]'`")
     scores, _, _ = run_probe(args, lora_alpha=args.lora_alpha)
     if rank_and_world()[0] != 0:  # every rank holds the same merged scores; rank 0 reports
         return 0
@@ -197,9 +241,61 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
+def _write_json(path: Path, data) -> Path:
+    """``data`` as JSON at ``path``, atomically: a temporary file in the same folder, then ``os.replace``,
+    so a failed write leaves what was there intact."""
     import json
 
+    text = json.dumps(data, indent=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _placement_kwargs(args: argparse.Namespace, alpha: float) -> dict:
+    extra = {"total_step": args.total_step} if args.variant == "adalora" else {}
+    return dict(r=args.rank, lora_alpha=alpha, top_k=args.top_k, variant=args.variant, rank_pattern=args.rank_pattern,
+                budget=args.budget, top_p=args.top_p, **extra)
+
+
+def _dry_run_placement(args: argparse.Namespace, alpha: float, modules: dict | None = None) -> None:
+    """Plan the placement on uniform scores, so that ``--top-k``, ``--budget``, ``--top-p``,
+    ``--variant``, ``--rank-pattern`` and ``--total-step`` fail before the probe, not after it.
+
+    ``modules``: name -> ModuleInfo of the model's candidates (after loading it); before, stand-ins
+    of one row and column each, which check everything the model does not decide."""
+    from .placement import domlora_config
+    from .scores import ModuleInfo, PageScores
+
+    kwargs = _placement_kwargs(args, alpha)
+    if modules is None:  # the budget's size is the model's to judge: here a whole one, to check the rest
+        modules = {f"m.{i}": ModuleInfo(i, "m", 1, 1) for i in range(max(args.top_k or 1, 1))}
+        kwargs["budget"] = None if args.budget is None else 1.0
+    uniform = {n: 1.0 for n in modules}
+    config = {"rank": args.rank, "projection": args.projection, "estimator": args.estimator, "seeds": [0]}
+    domlora_config(PageScores(uniform, {0: dict(uniform)}, None, modules, 1, config), **kwargs)
+
+
+def _dry_run_on_model(args: argparse.Namespace, alpha: float):
+    def check(model) -> None:
+        from .probe.candidates import find_candidates, peft_base_model
+        from .scores import ModuleInfo
+
+        cands = find_candidates(peft_base_model(model), _target(args.target_modules))
+        _dry_run_placement(args, alpha, {c.name: ModuleInfo(c.layer, c.type, c.in_features, c.out_features,
+                                                            c.num_experts, c.parameter is not None) for c in cands})
+    return check
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
     from .distributed import rank_and_world
     from .placement import apply_domlora
 
@@ -207,18 +303,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
         raise ValueError("--variant adalora needs --total-step (the number of training steps AdaLoRA schedules over)")
     # probe with the adapter's own alpha and scaling rule: the report's PAGE is then the adapter's first ||lora_B.grad||^2
     alpha = DEFAULT_ADAPTER_ALPHA if args.lora_alpha is None else args.lora_alpha
-    scores, model, _ = run_probe(args, lora_alpha=alpha, use_rslora=args.variant == "rslora")
+    _check_out_dir(args.out_dir, "--out-dir")
+    _dry_run_placement(args, alpha)
+    scores, model, _ = run_probe(args, lora_alpha=alpha, use_rslora=args.variant == "rslora",
+                                 check_model=_dry_run_on_model(args, alpha))
     if rank_and_world()[0] != 0:  # under torchrun every rank has the same scores; rank 0 writes
         return 0
     conf = _confidence(scores, args)
     print(conf.sentence())
-    extra = {"total_step": args.total_step} if args.variant == "adalora" else {}
-    pm = apply_domlora(model, scores, r=args.rank, lora_alpha=alpha, top_k=args.top_k, variant=args.variant,
-                       rank_pattern=args.rank_pattern, budget=args.budget, top_p=args.top_p, verbose=True, **extra)
+    pm = apply_domlora(model, scores, verbose=True, **_placement_kwargs(args, alpha))
     out = Path(args.out_dir)
     pm.save_pretrained(out)
     scores.to_json(out / "page_scores.json")
-    (out / "domlora_placement.json").write_text(json.dumps(pm.domlora_placement.to_dict(), indent=1))
+    _write_json(out / "domlora_placement.json", pm.domlora_placement.to_dict())
     print(f"adapter: {out} (adapter_config.json, adapter_model.safetensors), with page_scores.json and domlora_placement.json")
     print(f"load it with: PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0

@@ -20,13 +20,26 @@ User data (:func:`read_records`): ``.jsonl``, ``.json`` (a list of records, or J
 ``.parquet`` and ``.csv`` files, a folder saved by ``datasets``' ``save_to_disk``, or a
 ``datasets`` name or data folder (``load_dataset``). Tabular rows take their text from the
 ``text`` or ``messages`` column, or from ``text_field`` / ``messages_field``; a CSV
-``messages`` cell holds the list as JSON. Errors name the file and line (or row).
+``messages`` cell holds the list as JSON. Files are UTF-8 (a byte-order mark is skipped).
+Every problem in a file is a ``ValueError`` naming the file and line (or row): invalid UTF-8,
+invalid or too deeply nested JSON, a CSV cell over the ``csv`` module's field limit.
+
+Chat roles: ``system``, ``user``, ``assistant`` and the tool roles (``tool``, ``ipython``,
+``function``, ``developer``) are known. A message with another role (``"wizard"``) is rendered
+as the chat template renders it (plainly: ``Wizard: ...``), is no target, and
+:func:`make_batches` warns once (:class:`UnknownRoleWarning`; the CLI prints a ``note:``).
+With a chat template, the targets of an assistant turn are the tokens the template renders
+after what it renders before the assistant's content: for a conversation that opens with an
+assistant turn that is the template's default system prompt and the assistant header, never
+targets.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -41,8 +54,17 @@ TASKS = ("instruction", "math", "code", "chat")
 FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 
 
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "ipython", "function", "developer")
+# stands in for an assistant's content, to find where the template puts it (encode)
+_CONTENT_MARK = "DOMLORA\u2063CONTENT\u2063MARK"
+
+
 class ChatTemplateFallbackWarning(UserWarning):
     """Chat records were rendered plainly: the tokenizer has no chat template."""
+
+
+class UnknownRoleWarning(UserWarning):
+    """Chat records have messages whose role is none of :data:`KNOWN_ROLES`."""
 
 
 def _validate_record(rec: Any, where: str) -> dict:
@@ -59,7 +81,9 @@ def _validate_record(rec: Any, where: str) -> dict:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError(f"{where}: message {j} must be {{'role': str, 'content': str}}")
     if not any(m["role"] == "assistant" for m in msgs):
-        raise ValueError(f"{where}: no assistant message, so nothing to learn; add one or use 'text'")
+        roles = sorted({m["role"] for m in msgs})
+        raise ValueError(f"{where}: no assistant message (roles: {', '.join(map(repr, roles))}), so nothing to learn; "
+                         "add one or use 'text' (ShareGPT's 'human'/'gpt' are 'user'/'assistant')")
     return rec
 
 
@@ -69,14 +93,28 @@ def _field(row: dict, field: str, where: str) -> Any:
     return row[field]
 
 
+def _loads(text: str, where: str) -> Any:
+    """``json.loads``; every failure a ValueError naming ``where``: invalid JSON, nesting too deep
+    for the parser (RecursionError), an integer of more digits than Python converts."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not readable JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: not readable JSON ({e})") from None
+
+
 def _cell(value: Any, name: str, where: str, tabular: bool) -> Any:
     """A messages cell: a CSV cell is a string holding the list as JSON."""
     if not (tabular and isinstance(value, str)):
         return value
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: {name!r} must hold a JSON list of {{'role', 'content'}} ({e.msg})") from None
+        return _loads(value, where)
+    except ValueError as e:
+        why = str(e).split(": ", 1)[-1]
+        raise ValueError(f"{where}: {name!r} must hold a JSON list of {{'role', 'content'}} ({why})") from None
 
 
 def _to_record(row: Any, where: str, text_field: str | None = None, messages_field: str | None = None,
@@ -105,36 +143,58 @@ def _to_record(row: Any, where: str, text_field: str | None = None, messages_fie
     return _validate_record(row, where)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a byte-order mark skipped); otherwise a ValueError naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}): save the file "
+                         "as UTF-8") from None
+
+
+def _jsonl_rows(path: Path, text: str | None = None) -> Iterator[tuple[str, Any]]:
+    text = _read_text(path) if text is None else text
+    for i, line in enumerate(text.split("\n"), 1):  # only \n ends a line: JSON strings may hold \u2028 and the like
         if not line.strip():
             continue
-        try:
-            yield f"{path}:{i}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        yield f"{path}:{i}", _loads(line, f"{path}:{i}")
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """A ``.json`` file: a list of records (each error names the line its record starts on), or JSON Lines."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):
-        yield from _jsonl_rows(path)
+        yield from _jsonl_rows(path, text)
         return
     dec = json.JSONDecoder()
     pos += 1
+    line, counted = 1, 0  # the line of text[pos], counted incrementally (a big file stays linear)
     while True:
-        pos += len(text[pos:]) - len(text[pos:].lstrip())
-        line = text.count("\n", 0, pos) + 1
+        pos = _SPACE.match(text, pos).end()
+        line, counted = line + text.count("\n", counted, pos), pos
         if text.startswith("]", pos):
+            rest = _SPACE.match(text, pos + 1).end()
+            if rest < len(text):  # a second value after the list: JSON Lines whose first record is a list
+                raise ValueError(f"{path}:{text.count(chr(10), 0, rest) + 1}: not valid JSON (text after the list "
+                                 "of records that ends on line " f"{line}; give one list, or one record per line)")
             return
         try:
             row, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{path}:{line}: not readable JSON (nested too deeply)") from None
+        except ValueError as e:
+            raise ValueError(f"{path}:{line}: not readable JSON ({e})") from None
         yield f"{path}:{line}", row
-        pos += len(text[pos:]) - len(text[pos:].lstrip())
+        pos = _SPACE.match(text, pos).end()
         if text.startswith(",", pos):
             pos += 1
         elif not text.startswith("]", pos):
@@ -142,12 +202,19 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        start = 2  # the line each row starts on (a quoted cell may span lines)
-        for row in reader:
-            yield f"{path}:{start}", row
-            start = reader.line_num + 1
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    start = 2  # the line each row starts on (a quoted cell may span lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # the line after the last one read whole: where the failing row starts
+            fix = (f" (the csv module reads cells of up to {csv.field_size_limit()} characters: give long texts "
+                   f"as .jsonl)" if "field larger than field limit" in str(e) else "")
+            raise ValueError(f"{path}:{reader.line_num + 1}: not valid CSV ({e}){fix}") from None
+        yield f"{path}:{start}", row
+        start = reader.line_num + 1
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -278,14 +345,15 @@ def encode(record: dict, tokenizer, max_length: int = 256, where: str = "record"
         ids, labels = _plain_chat(tokenizer, record["messages"])
     else:
         msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        ids = _chat_ids(tokenizer, msgs)
+        ids = _chat_ids(tokenizer, msgs, where=where)
         labels = [IGNORE_INDEX] * len(ids)
         for k, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            # the assistant span: tokens added by message k after the generation prompt
-            start = len(_chat_ids(tokenizer, msgs[:k], add_generation_prompt=True))
-            upto = _chat_ids(tokenizer, msgs[: k + 1])
+            # the assistant span: the tokens message k adds after what the template renders before its content
+            head = _assistant_head_ids(tokenizer, msgs, k, where)
+            start = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
+            upto = _chat_ids(tokenizer, msgs[: k + 1], where=where)
             end = len(upto)
             if upto != ids[:end]:
                 raise ValueError(f"{where}: the chat template does not render conversations prefix by prefix")
@@ -296,15 +364,59 @@ def encode(record: dict, tokenizer, max_length: int = 256, where: str = "record"
     return {"input_ids": ids, "labels": labels}
 
 
-def _chat_ids(tokenizer, msgs, add_generation_prompt: bool = False) -> list[int]:
+def _render(tokenizer, msgs, where: str, add_generation_prompt: bool = False) -> str:
+    """The template's text of ``msgs``; a template that refuses them (``raise_exception`` in
+    the template, e.g. roles that must alternate) is a ValueError naming the record."""
+    try:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError and whatever the template raises
+        raise ValueError(f"{where}: the tokenizer's chat template refuses this conversation ({type(e).__name__}: {e})") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the tokenizer's chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def _chat_ids(tokenizer, msgs, add_generation_prompt: bool = False, where: str = "record") -> list[int]:
     if not msgs:
         return []
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = _render(tokenizer, msgs, where, add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _assistant_head_ids(tokenizer, msgs, k: int, where: str) -> list[int]:
+    """The ids the template renders before the content of assistant message ``k``.
+
+    After earlier messages that is the rendering of ``msgs[:k]`` with the generation prompt.
+    For a conversation that opens with the assistant (``k == 0``) there is no history to render
+    (an empty one renders nothing, not even the default system prompt a template adds before
+    the first message), so the assistant message is rendered with a marker for its content and
+    the text before the marker is the head: system prompt and assistant header included.
+    """
+    if k > 0:
+        return _chat_ids(tokenizer, msgs[:k], add_generation_prompt=True, where=where)
+    text = _render(tokenizer, [{"role": "assistant", "content": _CONTENT_MARK}], where)
+    cut = text.find(_CONTENT_MARK)
+    if cut < 0:
+        raise ValueError(f"{where}: the chat template does not render the assistant's content as given, so its "
+                         "tokens cannot be told from the template's; start the conversation with a user turn")
+    return tokenizer(text[:cut], add_special_tokens=False)["input_ids"] if cut else []
+
+
+def _check_pad(pad_id: Any) -> None:
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+        raise ValueError(
+            f"pad id {pad_id!r}: the tokenizer has neither a pad token nor an EOS token, so batches cannot be padded; "
+            f"set tokenizer.pad_token (e.g. tokenizer.pad_token = tokenizer.unk_token, or add one with "
+            f"tokenizer.add_special_tokens({{'pad_token': '<pad>'}}); padding is masked out, so which token it is "
+            f"does not matter)"
+        )
+
+
 def collate(encoded: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded records into one batch dict."""
+    """Right-pad a list of encoded records into one batch dict (``pad_id`` on padding, masked out)."""
+    _check_pad(pad_id)
+    if not encoded:
+        raise ValueError("collate needs at least one encoded record")
     t = max(len(e["input_ids"]) for e in encoded)
     ids = torch.full((len(encoded), t), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), t), IGNORE_INDEX, dtype=torch.long)
@@ -342,10 +454,26 @@ def make_batches(records, tokenizer, batch_size: int = 8, max_length: int = 256,
     records = [_to_record(r, f"record {i}", text_field, messages_field, tabular) for i, r in enumerate(records)]
     if not records:
         raise ValueError("no calibration records")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = getattr(tokenizer, "eos_token_id", None) if pad is None else pad
+    _check_pad(pad)  # before any tokenising
     if any("messages" in r for r in records) and not has_chat_template(tokenizer):
         warnings.warn("the tokenizer has no chat template: chat records are rendered plainly as 'Role: content' turns, "
                       "with loss on the assistant's tokens only (see domlora_kernels.data)", ChatTemplateFallbackWarning,
                       stacklevel=2)
+    _warn_unknown_roles(records)
     enc = [encode(r, tokenizer, max_length, where=f"record {i}") for i, r in enumerate(records)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return [collate(enc[i : i + batch_size], pad) for i in range(0, len(enc), batch_size)]
+
+
+def _warn_unknown_roles(records: list[dict]) -> None:
+    unknown: dict[str, int] = {}  # role -> first record holding it
+    for i, r in enumerate(records):
+        for m in r.get("messages", ()):
+            if m["role"] not in KNOWN_ROLES:
+                unknown.setdefault(m["role"], i)
+    if unknown:
+        roles = ", ".join(f"{role!r} (first in record {i})" for role, i in unknown.items())
+        warnings.warn(f"chat messages with a role none of {', '.join(KNOWN_ROLES)}: {roles}; they are rendered as the "
+                      "chat template (or the plain rendering) renders them and are no targets; check the role names",
+                      UnknownRoleWarning, stacklevel=3)

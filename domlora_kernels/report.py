@@ -1,6 +1,6 @@
 """Reports of a probe: the text summary, two PNG plots, and the comparison of two probes.
 
-Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg on save)
+Plots are written atomically (a temporary file, then a rename). Plots use matplotlib's object API (``matplotlib.figure.Figure``, rendered by Agg on save)
 rather than pyplot: no global backend is switched and no window opens, so they work the
 same on a headless server and inside a notebook. matplotlib is imported on first use only.
 """
@@ -55,6 +55,21 @@ def _figure(**kwargs):
             "plots need matplotlib: pip install 'domlora_kernels[plot]' (or pip install matplotlib)"
         ) from e
     return Figure(**kwargs)
+
+
+def _save(fig, path: Path) -> None:
+    """Save the PNG atomically: a temporary file in the same folder, then ``os.replace``, so a
+    failed save leaves an earlier plot at ``path`` intact."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _png_path(path: str | Path) -> Path:
@@ -170,7 +185,7 @@ def plot_heatmap(scores: PageScores, path: str | Path, log_scale: bool = False, 
     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4002b", linewidth=2.2))
     ax.set_title(f"PAGE share per module; dominant (outlined): {dom} {100 * scores.shares[dom]:.1f}%\n{_title(scores)}",
                  fontsize=9)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 
@@ -220,7 +235,7 @@ def plot_top(scores: PageScores, path: str | Path, top: int = 15, conf: Confiden
     if conf is not None:
         title += f"\n{conf.sentence()}"
     ax.set_title(title + f"\n{_title(scores)}", fontsize=8.5)
-    fig.savefig(path)
+    _save(fig, path)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,40 +151,89 @@ class PageScores:
         }
 
     def to_json(self, path: str | Path) -> Path:
-        """Write the report (schema ``domlora_kernels.page_scores/1``); returns the path."""
+        """Write the report (schema ``domlora_kernels.page_scores/1``); returns the path.
+
+        Atomic: the JSON goes to a temporary file in the same folder, which then replaces
+        ``path`` (``os.replace``), so a write that fails midway (a full disk, Ctrl-C) leaves any
+        previous report at ``path`` intact.
+        """
+        import os
+        import secrets
+
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give the report a file name, e.g. {path / 'page_scores.json'}")
+        for parent in (path.parent, *path.parent.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
+                break
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PageScores":
+        """A report from its dict form (:meth:`to_dict`), every field checked.
+
+        Raises:
+            ValueError: naming the field: not a dict, another schema, a missing key, a null, a
+                list where a dict belongs, a PAGE (or per-sample energy, by_seed or expert
+                value) that is NaN, infinite or negative, a signal that is not a finite number,
+                module names that disagree between the sections.
+        """
+        d = _as_dict(d, "the report")
         schema = d.get("schema")
         if schema != SCHEMA:
             raise ValueError(f"not a PAGE report of schema {SCHEMA!r} (found {schema!r})")
-        modules = {
-            m["name"]: ModuleInfo(m["layer"], m["type"], m["in_features"], m["out_features"], m.get("num_experts", 1),
-                                  "experts" in m)
-            for m in d["modules"]
-        }
-        per_sample = d.get("per_sample")
+        config = _read_config(_field(d, "config", ""))
+        num_samples = _as_int(_field(d, "num_samples", ""), "num_samples", 1)
+        modules, scores, by_expert = _read_modules(_field(d, "modules", ""))
+        meta = d.get("meta")
         return cls(
-            scores={m["name"]: float(m["page"]) for m in d["modules"]},
-            by_seed={int(s): {k: float(v) for k, v in sc.items()} for s, sc in d["by_seed"].items()},
-            per_sample=None if per_sample is None
-            else {n: torch.tensor(v, dtype=torch.float64) for n, v in per_sample.items()},
+            scores=scores,
+            by_seed=_read_by_seed(_field(d, "by_seed", ""), list(modules), config["seeds"]),
+            per_sample=_read_per_sample(d.get("per_sample"), list(modules), len(config["seeds"]), num_samples),
             modules=modules,
-            num_samples=int(d["num_samples"]),
-            config=d["config"],
-            meta=d.get("meta", {}),
-            by_expert={m["name"]: [float(v) for v in m["experts"]] for m in d["modules"] if "experts" in m},
-            signals={k: {n: float(v) for n, v in vals.items()} for k, vals in d.get("signals", {}).items()},
+            num_samples=num_samples,
+            config=config,
+            meta=_as_dict({} if meta is None else meta, "meta"),
+            by_expert=by_expert,
+            signals=_read_signals(d.get("signals", {})),
         )
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PageScores":
-        """Read a report written by :meth:`to_json`."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a report written by :meth:`to_json`.
+
+        Raises:
+            ValueError: naming the file: not UTF-8, not JSON (or nested too deeply), or not a
+                valid report (:meth:`from_dict` names the field).
+        """
+        path = Path(path)
+        data = path.read_bytes()
+        try:
+            d = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): not a PAGE report (a JSON file)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}): not a PAGE report") from None
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise ValueError(f"{path}: not a PAGE report: its JSON cannot be read ({why})") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         top = self.dominant_module
@@ -191,3 +241,147 @@ class PageScores:
                 f"projection={self.config['projection']!r}, dominant={top!r} "
                 f"share={100 * self.shares[top]:.1f}%)")
 
+
+# ---------------------------------------------------------------- reading a report: every field checked
+# (PageScores.from_dict; each error names the field, from_json adds the file)
+_PROJECTIONS = ("A", "B", "AB", "expected")  # probe.checks.PROJECTIONS / ESTIMATORS (the probe is a layer up)
+_ESTIMATORS = ("fisher", "gradient")
+
+
+def _invalid(where: str, what: str, got: Any = ...) -> ValueError:
+    if got is ...:
+        shown = ""
+    else:
+        shown = ", got " + ("null" if got is None else type(got).__name__ if isinstance(got, (dict, list)) else repr(got))
+    return ValueError(f"not a valid PAGE report: {where} must be {what}{shown}")
+
+
+def _field(obj: dict, key: str, where: str) -> Any:
+    if key not in obj:
+        raise ValueError(f"not a valid PAGE report: {where}{'.' if where else ''}{key} is missing")
+    return obj[key]
+
+
+def _as_dict(v: Any, where: str) -> dict:
+    if not isinstance(v, dict):
+        raise _invalid(where, "an object (a dict)", v)
+    return v
+
+
+def _as_list(v: Any, where: str) -> list:
+    if not isinstance(v, list):
+        raise _invalid(where, "a list", v)
+    return v
+
+
+def _as_int(v: Any, where: str, lo: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        raise _invalid(where, "an integer" + (f" >= {lo}" if lo is not None else ""), v)
+    return v
+
+
+def _as_str(v: Any, where: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise _invalid(where, "a non-empty string", v)
+    return v
+
+
+def _as_float(v: Any, where: str, nonneg: bool = True) -> float:
+    """A finite number (>= 0 for energies); NaN, inf, null, strings and booleans are refused."""
+    try:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    except OverflowError:  # an integer beyond float's range
+        ok = False
+    if not ok or (nonneg and v < 0):
+        raise _invalid(where, "a finite number" + (" >= 0" if nonneg else ""), v)
+    return float(v)
+
+
+def _read_config(config: Any) -> dict:
+    config = _as_dict(config, "config")
+    _as_int(_field(config, "rank", "config"), "config.rank", 1)
+    if _field(config, "projection", "config") not in _PROJECTIONS:
+        raise _invalid("config.projection", f"one of {', '.join(_PROJECTIONS)}", config["projection"])
+    if _field(config, "estimator", "config") not in _ESTIMATORS:
+        raise _invalid("config.estimator", f"one of {', '.join(_ESTIMATORS)}", config["estimator"])
+    seeds = _as_list(_field(config, "seeds", "config"), "config.seeds")
+    if not seeds or len({_as_int(s, f"config.seeds[{i}]") for i, s in enumerate(seeds)}) != len(seeds):
+        raise _invalid("config.seeds", "a non-empty list of distinct integers", seeds)
+    return config
+
+
+def _read_modules(items: Any) -> tuple[dict[str, ModuleInfo], dict[str, float], dict[str, list[float]]]:
+    modules: dict[str, ModuleInfo] = {}
+    scores: dict[str, float] = {}
+    by_expert: dict[str, list[float]] = {}
+    for i, m in enumerate(_as_list(items, "modules")):
+        at = f"modules[{i}]"
+        m = _as_dict(m, at)
+        name = _as_str(_field(m, "name", at), f"{at}.name")
+        at = f"modules[{i}] ({name!r})"
+        if name in modules:
+            raise ValueError(f"not a valid PAGE report: {at} appears twice")
+        layer = _field(m, "layer", at)
+        if layer is not None:
+            _as_int(layer, f"{at}.layer", 0)
+        info = ModuleInfo(layer, _as_str(_field(m, "type", at), f"{at}.type"),
+                          _as_int(_field(m, "in_features", at), f"{at}.in_features", 1),
+                          _as_int(_field(m, "out_features", at), f"{at}.out_features", 1),
+                          _as_int(m.get("num_experts", 1), f"{at}.num_experts", 1), "experts" in m)
+        scores[name] = _as_float(_field(m, "page", at), f"{at}.page")
+        if "experts" in m:
+            vals = _as_list(m["experts"], f"{at}.experts")
+            if len(vals) != info.num_experts:
+                raise _invalid(f"{at}.experts", f"a list of num_experts = {info.num_experts} values", vals)
+            by_expert[name] = [_as_float(v, f"{at}.experts[{j}]") for j, v in enumerate(vals)]
+        modules[name] = info
+    if not modules:
+        raise _invalid("modules", "a non-empty list (the report has no module)")
+    return modules, scores, by_expert
+
+
+def _same_names(got: dict, names: list[str], where: str) -> None:
+    if set(got) != set(names):
+        extra, missing = sorted(set(got) - set(names)), sorted(set(names) - set(got))
+        raise ValueError(f"not a valid PAGE report: {where} names other modules than 'modules' "
+                         f"(missing: {missing[:3]}, unknown: {extra[:3]})")
+
+
+def _read_by_seed(obj: Any, names: list[str], seeds: list[int]) -> dict[int, dict[str, float]]:
+    by_seed: dict[int, dict[str, float]] = {}
+    for key, vals in _as_dict(obj, "by_seed").items():
+        try:
+            seed = int(key)
+        except ValueError:
+            raise _invalid("by_seed", "keyed by seeds (integers)", key) from None
+        vals = _as_dict(vals, f"by_seed[{key!r}]")
+        _same_names(vals, names, f"by_seed[{key!r}]")
+        by_seed[seed] = {n: _as_float(vals[n], f"by_seed[{key!r}][{n!r}]") for n in names}
+    if sorted(by_seed) != sorted(seeds):
+        raise ValueError(f"not a valid PAGE report: by_seed has seeds {sorted(by_seed)}, config.seeds {seeds}")
+    return by_seed
+
+
+def _read_per_sample(obj: Any, names: list[str], num_seeds: int, num_samples: int) -> dict[str, torch.Tensor] | None:
+    if obj is None:
+        return None
+    obj = _as_dict(obj, "per_sample")
+    _same_names(obj, names, "per_sample")
+    out: dict[str, torch.Tensor] = {}
+    for n in names:
+        rows = _as_list(obj[n], f"per_sample[{n!r}]")
+        if len(rows) != num_seeds or not all(isinstance(r, list) and len(r) == num_samples for r in rows):
+            raise _invalid(f"per_sample[{n!r}]", f"{num_seeds} list(s) (one per seed) of num_samples = {num_samples} "
+                           "energies")
+        for j, r in enumerate(rows):
+            for k, v in enumerate(r):
+                _as_float(v, f"per_sample[{n!r}][{j}][{k}]")
+        out[n] = torch.tensor(rows, dtype=torch.float64)
+    return out
+
+
+def _read_signals(obj: Any) -> dict[str, dict[str, float]]:
+    """signal name -> (module name -> finite number; a signal may be negative)."""
+    return {key: {n: _as_float(v, f"signals[{key!r}][{n!r}]", nonneg=False)
+                  for n, v in _as_dict(vals, f"signals[{key!r}]").items()}
+            for key, vals in _as_dict(obj, "signals").items()}

@@ -43,11 +43,12 @@ from .. import distributed as dd
 from ..lora_init import lora_scaling
 from ..scores import ModuleInfo, PageScores
 from . import experts, packing
-from .candidates import find_candidates
-from .checks import (ESTIMATORS, PROJECTIONS, check_backend, check_batch, check_losses, input_device_dtype,
-                     validate)
-from .frozen import frozen_eval
-from .losses import causal_lm_losses, default_labels
+from .candidates import find_candidates, peft_base_model
+from .checks import (ESTIMATORS, PROJECTIONS, check_autograd, check_backend, check_batch, check_causal, check_ids,
+                     check_loss_count, check_losses, embedding_limits, input_device_dtype, validate,
+                     warn_padding_targets)
+from .frozen import adapters_disabled, frozen_eval, quantised_state_kept
+from .losses import causal_lm_losses, default_labels, mask_padding_targets
 from .merge import merge_ranks, status_row
 from .shared import SharedInputs
 from .sites import ExpertSite, Site
@@ -67,18 +68,25 @@ class Probe:
         self.flat_views: set[tuple[int, int]] = set()
         self.anchor = torch.zeros((), requires_grad=True)
         self.shared = SharedInputs()  # its groups are guessed once the sites exist
+        self.limits: tuple = (None, None)  # the model's vocabulary and position limit (checks.embedding_limits)
 
 
 # Each rank's status row for merge_ranks: these four columns, then one got-gradient flag per site.
 
 
-def _default_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.device, first_sample: int):
-    """Forward the batch and return the per-row causal-LM losses ``[B]``."""
+def _default_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.device, first_sample: int, index: int):
+    """Forward the batch and return the per-row causal-LM losses ``[B]``.
+
+    Targets are the labels (default: the ids) at attended positions whose previous position is
+    attended too (:func:`.losses.mask_padding_targets`); without a mask, a batch that looks
+    padded is warned about (:func:`.checks.warn_padding_targets`).
+    """
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
-    if labels is None:
-        labels = default_labels(ids, mask)
+    if mask is None:
+        warn_padding_targets(ids if labels is None else labels, model, index)
+    labels = default_labels(ids, mask) if labels is None else mask_padding_targets(labels, mask)
     kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
     if getattr(model, "config", None) is not None:
         kwargs.setdefault("use_cache", False)
@@ -110,12 +118,22 @@ def page_scores(
 
     Args:
         model: any ``nn.Module``; Hugging Face causal LMs work out of the box. Left exactly as
-            found (weights, ``requires_grad``, train/eval mode, hooks, ``.grad``), also on error.
-            It runs in eval mode during the probe (no dropout), so scores are deterministic.
+            found (weights, ``requires_grad``, train/eval mode, hooks, ``.grad``, bitsandbytes
+            4-bit layers' packed weights and quant state), also on error. It runs in eval mode
+            during the probe (no dropout), so scores are deterministic. Without ``loss_fn`` a
+            model that is no causal LM (encoder-only such as ``BertForMaskedLM``, or an
+            encoder-decoder) is refused. A model that already carries peft adapters (a
+            ``PeftModel`` or injected LoRA layers) is probed as its base model: adapters off,
+            candidates named as in the base model, never a ``lora_A``/``lora_B`` module;
+            merged adapters are refused.
         batches: iterable of dicts with ``input_ids`` ``[B, T]``, optional ``attention_mask``
-            and ``labels`` (``-100`` ignored; default: ``input_ids`` where attended and
-            preceded by an attended token, so left and right padding agree). Other
-            keys are passed to the model. Anything else when ``loss_fn`` is given.
+            and ``labels`` (``-100`` ignored; default: ``input_ids``). A token is a target only
+            where it and the position before it are attended, with or without labels, so left
+            and right padding agree. Token ids must lie in the model's vocabulary and, for a
+            learned position embedding (GPT-2), sequences within its positions; without
+            mask and labels, a batch whose rows start or end with ``config.pad_token_id``
+            warns (:class:`~.checks.PaddingTargetsWarning`). Other keys are passed to the
+            model. Anything else when ``loss_fn`` is given.
         rank: LoRA rank ``r`` of the probe adapter.
         target_modules / exclude_modules: peft's forms: ``"all-linear"`` (``nn.Linear`` and
             ``Conv1D`` except the output embedding, and the expert weights of transformers'
@@ -130,7 +148,9 @@ def page_scores(
         seed: seed of the A (and B) draws; a sequence of seeds probes them all in the same
             backward pass, and ``scores`` is then their mean (``by_seed`` has each).
         lora_alpha / use_rslora: scaling ``alpha / r`` (``alpha / sqrt(r)``); None means 1.
-        loss_fn: ``callable(model, batch) -> losses [B]`` (one per sample, not reduced).
+        loss_fn: ``callable(model, batch) -> losses [B]`` (one per sample, not reduced): as many
+            as the batch's ``input_ids`` rows where it has them; for another batch type the
+            losses returned are taken as its samples.
         backend: ``"auto"`` or one of :data:`domlora_kernels.ops.BACKENDS`.
         progress: show a progress bar (on rank 0 only when distributed).
         process_group: when ``torch.distributed`` is initialised, the data-parallel group whose
@@ -151,6 +171,9 @@ def page_scores(
     """
     seeds = validate(rank, projection, estimator, backend, seed, lora_alpha, batches, loss_fn)
     model, process_group = dd.unwrap(model, process_group)
+    model = peft_base_model(model)
+    check_autograd(model)
+    check_causal(model, loss_fn)
     world_rank, world = dd.rank_and_world(process_group)
     if world > 1:
         dd.check_equal_batch_counts(model, batches, process_group)
@@ -159,6 +182,7 @@ def page_scores(
     check_backend(backend, device, dtype)
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = Probe(rank, seeds, projection, estimator, scaling, backend)
+    probe.limits = embedding_limits(model)
     sites = [(ExpertSite if c.parameter is not None else Site)(c, probe) for c in candidates]
     probe.shared = SharedInputs(sites)
     bar = _progress_bar(batches) if progress and world_rank == 0 else None
@@ -223,14 +247,17 @@ def _progress_bar(batches):
 def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
     """Forward and backward every batch with the hooks on; returns ``(samples, batches)``."""
     num_samples = num_batches = 0
-    with frozen_eval(model), torch.enable_grad(), experts.routed_experts(_expert_taps(sites)):
+    with quantised_state_kept(model), adapters_disabled(model), frozen_eval(model), torch.enable_grad(), \
+            experts.routed_experts(_expert_taps(sites)):
         handles = [s.cand.module.register_forward_hook(s.forward_hook) for s in sites if not isinstance(s, ExpertSite)]
         try:
             probe.active = True
             for i, batch in enumerate(batches):
                 probe.flat_views = set()
-                losses = _batch_losses(model, batch, i, loss_fn, device, num_samples)
+                losses = _batch_losses(model, batch, i, loss_fn, device, num_samples, probe.limits)
                 check_losses(losses, i)
+                if loss_fn is not None:
+                    check_loss_count(losses, batch, i)
                 probe.batch_size = losses.numel()
                 losses.sum().backward()  # sum, not mean: row b gets exactly d loss_b / d Y_b
                 _end_batch(sites, losses.detach(), num_samples)
@@ -263,7 +290,7 @@ def _expert_taps(sites) -> dict[nn.Module, experts.Tap]:
     return {mod: tap_of(weights) for mod, weights in by_module.items()}
 
 
-def _batch_losses(model, batch, index: int, loss_fn, device, first_sample: int) -> torch.Tensor:
+def _batch_losses(model, batch, index: int, loss_fn, device, first_sample: int, limits=(None, None)) -> torch.Tensor:
     """The batch's per-sample losses: ``loss_fn``'s, or the causal-LM losses of the batch,
     whose packed rows (several samples per row) are measured as the samples they hold."""
     if loss_fn is not None:
@@ -275,9 +302,10 @@ def _batch_losses(model, batch, index: int, loss_fn, device, first_sample: int) 
             )
         return loss_fn(model, batch)
     check_batch(batch, index)
+    check_ids(batch, index, limits)
     if packing.is_packed(batch):
         batch = packing.unpack(batch, index)
-    return _default_loss(model, batch, device, first_sample)
+    return _default_loss(model, batch, device, first_sample, index)
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -298,7 +326,11 @@ def _end_batch(sites, losses: torch.Tensor, first_sample: int) -> None:
     host = _to_host([losses] + [s.batch_check(losses.numel()) for s in sites])
     bad = (~torch.isfinite(host[0])).nonzero().flatten()
     if bad.numel():
-        raise FloatingPointError(f"non-finite loss {float(host[0][bad[0]])} for sample {first_sample + int(bad[0])}")
+        raise FloatingPointError(
+            f"non-finite loss {float(host[0][bad[0]])} for sample {first_sample + int(bad[0])}: the model's weights hold "
+            f"NaN or inf, or its activations overflow in this dtype; check the checkpoint (torch.isfinite on its "
+            f"weights), or load it in float32"
+        )
     for s, h in zip(sites, host[1:]):
         if s.probe.estimator == "fisher" and not torch.isfinite(h).all():
             sample = first_sample + int((~torch.isfinite(h)).nonzero()[0, 1])

@@ -12,6 +12,15 @@ expression that must match the whole name.
 
 Weights of 3 or more dimensions in a layout the probe does not know are never skipped
 silently: selecting them (``all-linear`` does, unless excluded) raises an error naming them.
+
+A model that already carries peft adapters (a ``PeftModel``, or LoRA layers injected into a
+plain model) is probed as its base model: a ``PeftModel`` is unwrapped to the model it wraps
+(:func:`peft_base_model`), each peft layer counts as its base layer under the layer's own name
+(``model.layers.0.self_attn.q_proj``, the name the base model has), the adapters' own modules
+(``lora_A``, ``lora_B``, ``lora_embedding_*``, ``lora_magnitude_vector``, a
+``modules_to_save`` copy) are never candidates, and the adapters are off during the probe
+(:func:`~domlora_kernels.probe.frozen.adapters_disabled`). Merged adapters are refused: turning
+them off would unmerge them, changing the weights.
 """
 
 from __future__ import annotations
@@ -94,6 +103,61 @@ def _matches(name: str, spec: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def check_selection(target_modules, exclude_modules=None) -> None:
+    """A regex given as ``target_modules`` / ``exclude_modules`` compiles (``re.error`` otherwise)."""
+    for what, spec in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(spec, str) and spec != "all-linear":
+            try:
+                re.compile(spec)
+            except re.error as e:
+                raise ValueError(
+                    f"{what}={spec!r} is not a valid regular expression ({e}); a string is matched as a regex "
+                    f"against whole module names: escape special characters (\\.) or give a list of names"
+                ) from None
+
+
+def is_peft_wrapper(module: nn.Module) -> bool:
+    """A peft layer that wraps a base module: a tuner layer (LoRA's ``lora.Linear``, ...) or a
+    ``ModulesToSaveWrapper``; both switch their adapters off through ``_disable_adapters``."""
+    return (type(module).__module__.startswith("peft.") and hasattr(module, "_disable_adapters")
+            and (hasattr(module, "get_base_layer") or hasattr(module, "original_module")))
+
+
+def peft_base(module: nn.Module) -> nn.Module | None:
+    """The module a peft wrapper runs when its adapters are off (nested wrappers unwrapped)."""
+    get = getattr(module, "get_base_layer", None)
+    base = get() if callable(get) else getattr(module, "original_module", None)
+    while base is not None and is_peft_wrapper(base):
+        get = getattr(base, "get_base_layer", None)
+        base = get() if callable(get) else getattr(base, "original_module", None)
+    return base
+
+
+def peft_base_model(model: nn.Module) -> nn.Module:
+    """The model to probe: a ``PeftModel``'s base model, else ``model``; refuses merged adapters.
+
+    Names are then the base model's (``model.layers.0.mlp.down_proj``, not
+    ``base_model.model.model.layers...``), which ``apply_domlora`` on the base model expects.
+    """
+    if type(model).__module__.startswith("peft.") and callable(getattr(model, "get_base_model", None)):
+        cfgs = getattr(model, "peft_config", {}) or {}
+        if any(getattr(c, "is_adaption_prompt", False) for c in cfgs.values()):
+            raise ValueError(
+                "this PeftModel carries adaption-prompt adapters, which replace the attention modules; the probe "
+                "measures a plain model: probe the base model before get_peft_model"
+            )
+        model = model.get_base_model()
+    merged = [n for n, m in model.named_modules() if is_peft_wrapper(m) and getattr(m, "merged", False)]
+    if merged:
+        raise ValueError(
+            f"{len(merged)} peft layer(s) have their adapters merged into the weights (e.g. {merged[0]}): the probe "
+            f"measures the base model with the adapters off, and turning merged adapters off would unmerge them, "
+            f"changing the weights; call model.unmerge_adapter() first, or probe the model returned by "
+            f"merge_and_unload() (its merged weights are then the base)"
+        )
+    return model
+
+
 def find_candidates(
     model: nn.Module,
     target_modules: str | Iterable[str] = "all-linear",
@@ -124,6 +188,7 @@ def find_candidates(
             raise ValueError(f"target_modules must be non-empty strings; got {target_modules!r}")
     if exclude_modules is not None and not isinstance(exclude_modules, str):
         exclude_modules = list(exclude_modules)
+    check_selection(target_modules, exclude_modules)
 
     linear = _all_candidates(model)
     if target_modules == "all-linear":
@@ -144,14 +209,30 @@ def find_candidates(
 
 
 def _all_candidates(model: nn.Module) -> list[Candidate]:
-    """Every linear module and expert weight, in model order."""
+    """Every linear module and expert weight, in model order; inside a peft wrapper only its
+    base layer, under the wrapper's name."""
     out_emb = _output_embedding(model)
     experts: dict[int, list[Candidate]] = {}
     for w in find_expert_weights(model):
         experts.setdefault(id(w.module), []).append(
             Candidate(w.name, w.module, w.in_features, w.out_features, w.parameter, w.num_experts))
+    wrapper, base = None, None  # the peft wrapper being walked (modules come depth first) and its base module
     found: list[Candidate] = []
     for name, mod in model.named_modules():
+        if wrapper is not None and name.startswith(wrapper + "."):
+            if mod is base:  # the base layer, named as the base model names it (the wrapper's name)
+                found.extend(Candidate(f"{wrapper}.{c.parameter}", c.module, c.in_features, c.out_features,
+                                       c.parameter, c.num_experts) for c in experts.get(id(mod), []))
+                shape = _linear_shape(mod)
+                if shape is not None:
+                    found.append(Candidate(wrapper, mod, *shape))
+            continue  # lora_A / lora_B / lora_magnitude_vector / modules_to_save copies: never candidates
+        wrapper = base = None
+        if is_peft_wrapper(mod):
+            wrapper, base = name, (None if mod is out_emb else peft_base(mod))
+            if base is out_emb:
+                base = None
+            continue
         found.extend(experts.get(id(mod), []))
         shape = _linear_shape(mod)
         if shape is None or not name or mod is out_emb:
