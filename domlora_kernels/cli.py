@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import USER_ERRORS, MissingExtraError
 from .models import DEVICE_MAPS, DTYPES
 from .ops import BACKENDS
+from .placement.strategies import STRATEGIES
 from .probe import ESTIMATORS, PROJECTIONS
 
 DEFAULT_OUT = Path("domlora_out") / "page_scores.json"
@@ -170,10 +171,14 @@ def _check_probe_args(args: argparse.Namespace, lora_alpha: float | None) -> Non
     check_selection(_target(args.target_modules))
 
 
-def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False, check_model=None):
+def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False, check_model=None,
+              strategy: str = "page"):
     """Load the model and data named by ``args`` and probe at the LoRA scaling of ``lora_alpha``
     (``use_rslora``: ``alpha / sqrt(rank)``); returns ``(scores, model, tokenizer)``.
 
+    ``strategy``: a placement strategy whose signal the probe must measure too
+    (:func:`~domlora_kernels.measure_signals`: the gradient estimator for "adam", "types" and
+    "heldout", a pilot run for "pilot").
     ``check_model(model)``, if given, runs after the model is loaded and before the probe.
     Under torchrun, load_model puts each rank's model on its own device (``cuda:LOCAL_RANK``)."""
     from .distributed import gather_ints, rank_and_world, shard
@@ -194,11 +199,22 @@ def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bo
     rank, world = rank_and_world()
     mine = shard(records) if world > 1 else records
     batches = _batches(mine, tok, args) if mine else []
-    scores = page_scores(
-        model, batches, rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
-        estimator=args.estimator, seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend,
-        use_rslora=use_rslora, progress=not args.no_progress,
-    )
+    common = dict(rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
+                  seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend, use_rslora=use_rslora,
+                  progress=not args.no_progress)
+    if strategy in ("page", "plop"):
+        scores = page_scores(model, batches, estimator=args.estimator, **common)
+    else:
+        from .placement import measure_signals
+
+        if world > 1 and strategy in ("heldout", "pilot"):
+            raise ValueError(f"--strategy {strategy} runs in one process; run it without torchrun")
+        if strategy != "pilot" and args.estimator != "gradient":
+            print(f"note: --strategy {strategy} measures with the gradient estimator (its signal is the mean "
+                  f"gradient's), not --estimator {args.estimator}", file=sys.stderr)
+        if strategy == "pilot":
+            common["estimator"] = args.estimator
+        scores = measure_signals(model, batches, strategy, **common)
     tasks = sorted({r.get("task", "user") for r in records})
     scores.meta.update({
         "model": args.model or DEFAULT_NAME,
@@ -263,7 +279,7 @@ def _write_json(path: Path, data) -> Path:
 def _placement_kwargs(args: argparse.Namespace, alpha: float) -> dict:
     extra = {"total_step": args.total_step} if args.variant == "adalora" else {}
     return dict(r=args.rank, lora_alpha=alpha, top_k=args.top_k, variant=args.variant, rank_pattern=args.rank_pattern,
-                budget=args.budget, top_p=args.top_p, **extra)
+                budget=args.budget, top_p=args.top_p, strategy=args.strategy, **extra)
 
 
 def _dry_run_placement(args: argparse.Namespace, alpha: float, modules: dict | None = None) -> None:
@@ -277,11 +293,13 @@ def _dry_run_placement(args: argparse.Namespace, alpha: float, modules: dict | N
 
     kwargs = _placement_kwargs(args, alpha)
     if modules is None:  # the budget's size is the model's to judge: here a whole one, to check the rest
-        modules = {f"m.{i}": ModuleInfo(i, "m", 1, 1) for i in range(max(args.top_k or 1, 1))}
+        # of a type every strategy plans (plop adapts v_proj): whether the model has it is the model's to judge
+        modules = {f"m.{i}.v_proj": ModuleInfo(i, "v_proj", 1, 1) for i in range(max(args.top_k or 1, 1))}
         kwargs["budget"] = None if args.budget is None else 1.0
     uniform = {n: 1.0 for n in modules}
     config = {"rank": args.rank, "projection": args.projection, "estimator": args.estimator, "seeds": [0]}
-    domlora_config(PageScores(uniform, {0: dict(uniform)}, None, modules, 1, config), **kwargs)
+    signals = {k: dict(uniform) for k in ("adam", "heldout", "pilot")}  # what the strategies will measure
+    domlora_config(PageScores(uniform, {0: dict(uniform)}, None, modules, 1, config, signals=signals), **kwargs)
 
 
 def _dry_run_on_model(args: argparse.Namespace, alpha: float):
@@ -298,6 +316,7 @@ def _dry_run_on_model(args: argparse.Namespace, alpha: float):
 def cmd_apply(args: argparse.Namespace) -> int:
     from .distributed import rank_and_world
     from .placement import apply_domlora
+    from .placement.strategies import EVIDENCE, describe
 
     if args.variant == "adalora" and args.total_step is None:
         raise ValueError("--variant adalora needs --total-step (the number of training steps AdaLoRA schedules over)")
@@ -306,18 +325,27 @@ def cmd_apply(args: argparse.Namespace) -> int:
     _check_out_dir(args.out_dir, "--out-dir")
     _dry_run_placement(args, alpha)
     scores, model, _ = run_probe(args, lora_alpha=alpha, use_rslora=args.variant == "rslora",
-                                 check_model=_dry_run_on_model(args, alpha))
+                                 check_model=_dry_run_on_model(args, alpha), strategy=args.strategy)
     if rank_and_world()[0] != 0:  # under torchrun every rank has the same scores; rank 0 writes
         return 0
     conf = _confidence(scores, args)
     print(conf.sentence())
+    print(describe(args.strategy))
     pm = apply_domlora(model, scores, verbose=True, **_placement_kwargs(args, alpha))
+    print(f"evidence: {EVIDENCE[args.strategy]}")
     out = Path(args.out_dir)
     pm.save_pretrained(out)
     scores.to_json(out / "page_scores.json")
     _write_json(out / "domlora_placement.json", pm.domlora_placement.to_dict())
     print(f"adapter: {out} (adapter_config.json, adapter_model.safetensors), with page_scores.json and domlora_placement.json")
     print(f"load it with: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import format_models_table, list_models
+
+    print(format_models_table(list_models()))
     return 0
 
 
@@ -356,11 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "on all probed modules at --rank; modules by PAGE per parameter, ranks up to --rank")
     g.add_argument("--top-p", type=float, default=None, help="like --budget, until the adapters carry this fraction of the PAGE mass")
     p.add_argument("--variant", choices=("lora", "dora", "rslora", "adalora"), default="lora")
+    p.add_argument("--strategy", choices=STRATEGIES, default="page",
+                   help="what ranks the modules (default page, the paper's rule): adam, types and heldout measure with "
+                        "the gradient estimator; pilot trains a 30-step rank-1 LoRA on every module first; plop, types: "
+                        "whole module types, with --budget (docs/placement_protocol.md)")
     p.add_argument("--rank-pattern", choices=("page",), default=None, help="page: ranks proportional to PAGE over the top-k")
     p.add_argument("--total-step", type=_positive(int), default=None, help="training steps (required by --variant adalora)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT.parent / "adapter", help="adapter folder (default: domlora_out/adapter)")
     _add_confidence_args(p)
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("models", help="the embedded models --model takes by name: size, and whether installed")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("compare", help="do two PAGE reports agree? dominant module, rank correlations, top-k overlap")
     p.add_argument("a", type=Path)

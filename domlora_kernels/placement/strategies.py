@@ -73,6 +73,21 @@ COSTS = {
 }
 
 
+# One line of evidence per strategy, printed by `domlora apply`: held-out loss drop on the placement
+# study's instruction task, paired 95% CIs (python/results/placement/FAMILY/budget.md).
+EVIDENCE = {
+    "page": "at 0.7% of vanilla LoRA on SmolLM2 instruction, PAGE's plan ties a random module (random - PAGE: "
+            "-0.024 [-0.082, 0.033]) and EVA's pick beats it by 0.227 [0.179, 0.280]; the paper's rule, kept for "
+            "reference (python/results/placement/smollm2/budget.md)",
+    "plop": "at 5% of vanilla LoRA on SmolLM2 instruction, PLoP's types beat PAGE's plan by 0.083 [0.055, 0.116] and "
+            "trail vanilla LoRA by 0.032 [0.003, 0.068] (python/results/placement/smollm2/budget.md)",
+    "adam": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
+    "heldout": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
+    "pilot": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
+    "types": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
+}
+
+
 def check_strategy(strategy: object) -> str:
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")

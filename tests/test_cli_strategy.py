@@ -1,0 +1,52 @@
+"""`domlora apply --strategy` (each strategy end to end through the CLI) and `domlora models`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from domlora_kernels.cli import main
+from domlora_kernels.placement.strategies import EVIDENCE, STRATEGIES
+
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama folder with a word-level tokenizer, and six text records."""
+    import test_cli_apply_compare as base
+
+    return base.tiny_folder.__wrapped__(tmp_path_factory)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_apply_with_each_strategy(folder, tmp_path, capsys, strategy):
+    model, data = folder
+    out = tmp_path / "adapter"
+    argv = ["apply", "--model", str(model), "--data", str(data), "--batch-size", "3", "--no-progress",
+            "--resamples", "20", "--rank", "4", "--budget", "40%", "--strategy", strategy, "--out-dir", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"strategy {strategy!r}" in text and f"evidence: {EVIDENCE[strategy]}" in text
+    placement = json.loads((out / "domlora_placement.json").read_text())
+    assert placement["strategy"] == strategy and placement["trainable_params"] <= placement["budget"]
+    if strategy in ("adam", "types", "heldout"):
+        assert "signals" in json.loads((out / "page_scores.json").read_text())
+
+
+def test_strategy_errors_come_before_the_model_loads(folder, capsys):
+    model, data = folder
+    assert main(["apply", "--model", str(model), "--data", str(data), "--strategy", "types", "--top-k", "2"]) == 2
+    assert "give budget=" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["apply", "--strategy", "best"])
+    assert "invalid choice: 'best'" in capsys.readouterr().err
+
+
+def test_models_lists_every_embedded_model(capsys):
+    from domlora_kernels.models import MODELS
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in MODELS)
