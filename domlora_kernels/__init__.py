@@ -6,6 +6,7 @@
 """
 
 from .probe import PROJECTIONS, ESTIMATORS, page_scores
+from .probe.stopping import StopRule
 from .errors import MissingExtraError
 from .scores import PageScores
 
@@ -16,7 +17,7 @@ from .placement import (STRATEGIES, VARIANTS, Placement, apply_domlora, domlora_
 from .report import Comparison, compare, plot_heatmap, plot_top, text_report
 
 __all__ = [
-    "page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS",
+    "page_scores", "PageScores", "PROJECTIONS", "ESTIMATORS", "StopRule",
     "domlora_config", "apply_domlora", "Placement", "VARIANTS", "parse_budget", "measure_signals", "STRATEGIES",
     "confidence", "Confidence", "compare", "Comparison", "plot_heatmap", "plot_top", "text_report",
     "MissingExtraError",

@@ -76,6 +76,9 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-modules", default="all-linear", help='"all-linear", a regex, or comma-separated names/suffixes')
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="ops backend (default auto: triton on CUDA tensors)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--stable", type=float, default=None, metavar="LEVEL",
+                   help="stop reading batches once the top-k (probe: top-1; apply: --top-k) is the same in LEVEL of "
+                        "bootstrap resamples of the samples seen (e.g. 0.95; at least 16 samples); the data is then a cap")
 
 
 def _budget(text: str) -> int | float | str:
@@ -171,6 +174,18 @@ def _check_probe_args(args: argparse.Namespace, lora_alpha: float | None) -> Non
     check_selection(_target(args.target_modules))
 
 
+def _stop_kwargs(args: argparse.Namespace, strategy: str) -> dict:
+    """``stop=`` of ``--stable``: the top-k decision (probe: top-1; apply: ``--top-k``)."""
+    if args.stable is None:
+        return {}
+    from .probe.stopping import StopRule
+
+    if getattr(args, "budget", None) is not None or getattr(args, "top_p", None) is not None or strategy != "page":
+        raise ValueError("--stable stops when the top-k modules by PAGE are stable; use it with --top-k (or none) and "
+                         "--strategy page, not with --budget, --top-p or another strategy")
+    return {"stop": StopRule(top_k=getattr(args, "top_k", None) or 1, level=args.stable)}
+
+
 def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bool = False, check_model=None,
               strategy: str = "page"):
     """Load the model and data named by ``args`` and probe at the LoRA scaling of ``lora_alpha``
@@ -186,6 +201,7 @@ def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bo
     from .probe import page_scores
 
     _check_probe_args(args, lora_alpha)
+    _stop_kwargs(args, strategy)  # --stable's level and decision, before the model loads
     records = _records(args)  # data errors before the (slow) model load
     t0 = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
@@ -201,7 +217,7 @@ def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bo
     batches = _batches(mine, tok, args) if mine else []
     common = dict(rank=args.rank, target_modules=_target(args.target_modules), projection=args.projection,
                   seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend, use_rslora=use_rslora,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, **_stop_kwargs(args, strategy))
     if strategy in ("page", "plop"):
         scores = page_scores(model, batches, estimator=args.estimator, **common)
     else:

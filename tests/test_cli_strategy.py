@@ -50,3 +50,20 @@ def test_models_lists_every_embedded_model(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in MODELS)
+
+
+def test_probe_stops_when_the_top_module_is_stable(folder, tmp_path, capsys):
+    model, data = folder
+    out = tmp_path / "r.json"
+    assert main(["probe", "--model", str(model), "--data", str(data), "--batch-size", "2", "--no-progress",
+                 "--resamples", "20", "--stable", "0.5", "--out", str(out)]) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["stop_rule"]["level"] == 0.5 and len(meta["stability_trace"]) == meta["num_batches"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--stable", "1.5"], "StopRule.level"),
+                                            (["--stable", "0.9", "--budget", "5%"], "--stable stops when")])
+def test_stable_is_checked_before_the_model_loads(folder, capsys, extra, message):
+    _, data = folder
+    assert main(["apply", "--model", "/nonexistent/model", "--data", str(data), *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -31,6 +31,7 @@ the ranks after the last one (:mod:`domlora_kernels.distributed`).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,6 +53,7 @@ from .losses import causal_lm_losses, default_labels, mask_padding_targets
 from .merge import merge_ranks, status_row
 from .shared import SharedInputs
 from .sites import ExpertSite, Site
+from .stopping import StopRule, should_stop
 
 __all__ = ["page_scores", "PROJECTIONS", "ESTIMATORS", "LossFn"]
 
@@ -69,9 +71,9 @@ class Probe:
         self.anchor = torch.zeros((), requires_grad=True)
         self.shared = SharedInputs()  # its groups are guessed once the sites exist
         self.limits: tuple = (None, None)  # the model's vocabulary and position limit (checks.embedding_limits)
-
-
-# Each rank's status row for merge_ranks: these four columns, then one got-gradient flag per site.
+        self.stop: StopRule | None = None  # early stopping (stopping.py); None: read every batch
+        self.stopped = False
+        self.stability_trace: list[tuple[int, float]] = []  # (samples seen, stability) after each batch
 
 
 def _default_loss(model: nn.Module, batch: Mapping[str, Any], device: torch.device, first_sample: int, index: int):
@@ -111,6 +113,7 @@ def page_scores(
     backend: str = "auto",
     progress: bool = True,
     process_group: Any = None,
+    stop: StopRule | None = None,
 ) -> PageScores:
     """Measure PAGE (projected adapter gradient energy) for every candidate module.
 
@@ -153,6 +156,11 @@ def page_scores(
             losses returned are taken as its samples.
         backend: ``"auto"`` or one of :data:`domlora_kernels.ops.BACKENDS`.
         progress: show a progress bar (on rank 0 only when distributed).
+        stop: a :class:`~domlora_kernels.probe.stopping.StopRule`: stop after the first batch at
+            which the decision it names (the top-k modules, or a budget plan) is stable under
+            bootstrap resampling of the samples seen; ``batches`` is then a cap. The scores are
+            those of the batches read; ``meta`` records ``stopped_early``, ``stability`` and the
+            stability after each batch. Estimator "fisher", one process.
         process_group: when ``torch.distributed`` is initialised, the data-parallel group whose
             ranks each pass their own shard of the batches (:func:`domlora_kernels.distributed.shard`);
             default: the world group (a DDP model's own group). Every rank then returns the
@@ -183,6 +191,7 @@ def page_scores(
     scaling = lora_scaling(rank, lora_alpha, use_rslora)
     probe = Probe(rank, seeds, projection, estimator, scaling, backend)
     probe.limits = embedding_limits(model)
+    probe.stop = _check_stop(stop, estimator, world)
     sites = [(ExpertSite if c.parameter is not None else Site)(c, probe) for c in candidates]
     probe.shared = SharedInputs(sites)
     bar = _progress_bar(batches) if progress and world_rank == 0 else None
@@ -197,6 +206,9 @@ def page_scores(
         "target_modules": _as_given(target_modules), "exclude_modules": _as_given(exclude_modules),
     }
     meta = {"probe_seconds": elapsed, "num_batches": num_batches, "torch": torch.__version__}
+    if stop is not None:
+        meta.update({"stopped_early": probe.stopped, "stability": probe.stability_trace[-1][1],
+                     "stability_trace": probe.stability_trace, "stop_rule": dataclasses.asdict(stop)})
     if world > 1:
         meta.update({"world_size": world, "sample_order": "rank-major"})
     return _collect(sites, num_samples, config, meta)
@@ -267,11 +279,40 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(samples=num_samples)
+                if probe.stop is not None and _stable_now(sites, probe, num_samples):
+                    break
         finally:
             probe.active = False
             for h in handles:
                 h.remove()
     return num_samples, num_batches
+
+
+def _check_stop(stop: Any, estimator: str, world: int) -> StopRule | None:
+    if stop is None:
+        return None
+    if not isinstance(stop, StopRule):
+        raise TypeError(f"stop must be a domlora_kernels.probe.stopping.StopRule or None, got {type(stop).__name__}")
+    if estimator != "fisher":
+        raise ValueError("stop= resamples the per-sample energies, which estimator='gradient' does not keep; "
+                         "use estimator='fisher'")
+    if world > 1:
+        raise ValueError("stop= decides on one process's samples; under torch.distributed probe without it")
+    return stop
+
+
+def _stable_now(sites, probe: Probe, num_samples: int) -> bool:
+    """After a batch: is the stop rule's decision stable on the samples so far? Recorded in the probe."""
+    k = len(probe.seeds)
+    # each module's per-sample energy (mean over seeds; an expert weight's summed over its experts)
+    per = torch.stack([torch.cat(s.sample_energies, dim=1).view(k, -1, num_samples).sum(dim=1).mean(dim=0)
+                       for s in sites])
+    infos = [ModuleInfo(s.cand.layer, s.cand.type, s.cand.in_features, s.cand.out_features, s.cand.num_experts,
+                        s.cand.parameter is not None) for s in sites]
+    stop, value = should_stop(per, probe.stop, infos)
+    probe.stability_trace.append((num_samples, None if value != value else value))  # None: not checked yet (JSON has no NaN)
+    probe.stopped = stop
+    return stop
 
 
 def _expert_taps(sites) -> dict[nn.Module, experts.Tap]:
