@@ -71,6 +71,7 @@ class Probe:
         self.anchor = torch.zeros((), requires_grad=True)
         self.shared = SharedInputs()  # its groups are guessed once the sites exist
         self.limits: tuple = (None, None)  # the model's vocabulary and position limit (checks.embedding_limits)
+        self.energy_mask: torch.Tensor | None = None  # [B, T] of the current batch: positions in the energies
         self.stop: StopRule | None = None  # early stopping (stopping.py); None: read every batch
         self.stopped = False
         self.stability_trace: list[tuple[int, float]] = []  # (samples seen, stability) after each batch
@@ -129,8 +130,9 @@ def page_scores(
             ``PeftModel`` or injected LoRA layers) is probed as its base model: adapters off,
             candidates named as in the base model, never a ``lora_A``/``lora_B`` module;
             merged adapters are refused.
-        batches: iterable of dicts with ``input_ids`` ``[B, T]``, optional ``attention_mask``
-            and ``labels`` (``-100`` ignored; default: ``input_ids``). A token is a target only
+        batches: iterable of dicts with ``input_ids`` ``[B, T]``, optional ``attention_mask``,
+            ``energy_mask`` (bool ``[B, T]``: only these positions' inputs and output gradients
+            enter the energies; not passed to the model) and ``labels`` (``-100`` ignored; default: ``input_ids``). A token is a target only
             where it and the position before it are attended, with or without labels, so left
             and right padding agree. Token ids must lie in the model's vocabulary and, for a
             learned position embedding (GPT-2), sequences within its positions; without
@@ -266,6 +268,7 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
             probe.active = True
             for i, batch in enumerate(batches):
                 probe.flat_views = set()
+                batch, probe.energy_mask = _energy_mask(batch, i)
                 losses = _batch_losses(model, batch, i, loss_fn, device, num_samples, probe.limits)
                 check_losses(losses, i)
                 if loss_fn is not None:
@@ -286,6 +289,24 @@ def _run(model, batches, sites, probe, loss_fn, device, bar) -> tuple[int, int]:
             for h in handles:
                 h.remove()
     return num_samples, num_batches
+
+
+def _energy_mask(batch: Any, index: int) -> tuple[Any, torch.Tensor | None]:
+    """The batch without its optional ``energy_mask`` ``[B, T]`` (positions whose input and output
+    gradient enter the energies; the loss is the labels' business), and the mask."""
+    if not isinstance(batch, Mapping) or "energy_mask" not in batch:
+        return batch, None
+    mask = batch["energy_mask"]
+    ids = batch.get("input_ids")
+    if not isinstance(mask, torch.Tensor) or not isinstance(ids, torch.Tensor) or mask.shape != ids.shape:
+        raise ValueError(f"batch {index}: energy_mask must be a tensor of the shape of input_ids "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else '?'}, got "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    rest = {k: v for k, v in batch.items() if k != "energy_mask"}
+    if packing.is_packed(rest):
+        raise ValueError(f"batch {index} is packed; energy_mask needs one sample per row (domlora_kernels.probe."
+                         f"packing.unpack)")
+    return rest, mask.bool()
 
 
 def _check_stop(stop: Any, estimator: str, world: int) -> StopRule | None:

@@ -100,10 +100,23 @@ class Site:
         x3 = x.reshape(rows, -1, n)
         proj = p.shared.project(self, args[0], x3) if p.projection in ("A", "AB") else None
         kept = energies.keep(x3, p.projection, proj)
+        if p.energy_mask is not None:
+            kept = self._masked(kept, p.energy_mask)
         flat = flattened_batch(args[0])
         if flat is not None:
             p.flat_views.add((flat, rows))
         return tap(output, p.anchor, Call(self, kept, rows), self.clone_output)
+
+    def _masked(self, kept: energies.Kept, mask: torch.Tensor) -> energies.Kept:
+        """The kept rows with the positions outside ``energy_mask`` zeroed: a zero row of ``X``
+        (or ``P = X A^T``) drops that position's term ``d_t p_t^T`` from every energy."""
+        rows = kept.proj if kept.proj is not None else kept.x
+        if tuple(rows.shape[:2]) != tuple(mask.shape):
+            raise ValueError(f"{self.cand.name}: its rows {tuple(rows.shape[:2])} are not the batch's [B, T] "
+                             f"{tuple(mask.shape)}, so energy_mask cannot be applied to it; exclude it with "
+                             f"exclude_modules=[{self.cand.name!r}] or drop energy_mask")
+        m = mask.to(device=rows.device, dtype=rows.dtype).unsqueeze(-1)
+        return energies.Kept(None if kept.proj is None else kept.proj * m, None if kept.x is None else kept.x * m)
 
     def reduce(self, kept: energies.Kept, d: torch.Tensor, rows: int) -> None:
         """Add one call's energy (fisher) or gradient sums (gradient), given ``D = dL/dY``."""
@@ -195,6 +208,9 @@ class ExpertSite(Site):
         mode = self.call_mode()
         if mode != "tap":
             return y if mode == "skip" else Tap.apply(y, p.anchor, None)
+        if p.energy_mask is not None:
+            raise ValueError(f"{self.cand.name}: energy_mask is not supported on expert weights (their rows are "
+                             f"routed tokens); exclude them with exclude_modules or drop energy_mask")
         x = x.detach()
         a_cat = self.mat("A", x.device, x.dtype) if p.projection in ("A", "AB") else None
         kept = experts.keep_routed(x, routing, p.projection, a_cat)
