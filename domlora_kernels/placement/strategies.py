@@ -81,10 +81,15 @@ EVIDENCE = {
             "reference (python/results/placement/smollm2/budget.md)",
     "plop": "at 5% of vanilla LoRA on SmolLM2 instruction, PLoP's types beat PAGE's plan by 0.083 [0.055, 0.116] and "
             "trail vanilla LoRA by 0.032 [0.003, 0.068] (python/results/placement/smollm2/budget.md)",
-    "adam": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
-    "heldout": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
-    "pilot": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
-    "types": "design runs in progress (docs/placement_protocol.md); no equal-budget result yet",
+    "adam": "at 0.7% on SmolLM2 instruction it learns no more than PAGE's plan (-0.018 [-0.053, 0.014]); at 5% "
+            "0.023 [-0.034, 0.070] (python/results/placement/smollm2/budget.md; design runs in progress)",
+    "heldout": "at 0.7% on SmolLM2 instruction it plans as adam and learns no more than PAGE's plan (-0.018 "
+               "[-0.053, 0.014]) (python/results/placement/smollm2/budget.md; design runs in progress)",
+    "pilot": "at 0.7% on SmolLM2 instruction it beats PAGE's plan by 0.053 [0.000, 0.104] and trails EVA's pick "
+             "(python/results/placement/smollm2/budget.md; design runs in progress)",
+    "types": "on SmolLM2 instruction it beats PAGE's plan by 0.203 [0.151, 0.259] at 0.7% and by 0.083 "
+             "[0.045, 0.119] at 5%, where it ties PLoP's types (python/results/placement/smollm2/budget.md; "
+             "design runs in progress)",
 }
 
 
