@@ -24,12 +24,18 @@ from .budget import vanilla_lora_params
 from .plan import Placement, Plan, exact_names_regex, make_plan
 
 
-def peft_config(plan: Plan):
-    """The peft config of a plan: the user's config (copied) or a new one, targeting exactly ``plan.targets``."""
+def peft_config(plan: Plan, as_list: bool = False):
+    """The peft config of a plan: the user's config (copied) or a new one, targeting exactly ``plan.targets``.
+
+    ``as_list``: the module targets as a list of full names instead of one exact-name regex. peft
+    (0.21) turns a regex into a set of leaf names (``{"v_proj"}``, every layer's) on the
+    mixture-of-experts models whose layout transformers 5 changed (Mixtral, Qwen2-MoE, ...); a list
+    of full names survives that rewrite, and :func:`apply_domlora` falls back to it."""
     import peft
 
     modules = [n for n in plan.targets if n not in plan.expert_weights]
-    target = exact_names_regex(modules) if modules else []  # [] matches no module (None would mean peft's defaults)
+    # [] matches no module (None would mean peft's defaults)
+    target = (list(modules) if as_list else exact_names_regex(modules)) if modules else []
     params = [n for n in plan.targets if n in plan.expert_weights] or None
     ranks = {"^" + re.escape(n): k for n, k in plan.ranks.items() if k != plan.r}
     alphas = {"^" + re.escape(n): a for n, a in plan.alphas.items()}
@@ -295,11 +301,13 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
     plan = _plan_as_config(scores, args, kwargs)
     _check_model(model, scores, plan.targets)
     _prepare_kbit(model)
-    pm = _get_peft_model(model, peft_config(plan), adapter_name, plan.expert_weights)
-    layers = adapted_layers(pm.get_base_model(), adapter_name)
-    if sorted(layers) != sorted(plan.targets):
-        raise RuntimeError(f"peft adapted {sorted(layers)} instead of exactly {sorted(plan.targets)}; please report this")
-    copied, kept, ranks = _init_lora_A(layers, scores, plan, adapter_name)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    pm, layers = _wrap_exactly(model, plan, adapter_name)
+    try:
+        copied, kept, ranks = _init_lora_A(layers, scores, plan, adapter_name)
+    except BaseException:
+        _unwrap(pm, model, flags)
+        raise
     placement = Placement(
         variant=plan.variant, targets=plan.targets, ranks=ranks, shares={n: scores.shares[n] for n in plan.targets},
         r=plan.r, trainable_params=sum(p.numel() for p in pm.parameters() if p.requires_grad),
@@ -312,6 +320,37 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
     if verbose:
         print(placement.summary())
     return pm
+
+
+def _wrap_exactly(model: nn.Module, plan: Plan, adapter_name: str):
+    """``(peft model, its adapted layers)`` with adapters on exactly ``plan.targets``: the exact-name
+    regex first, the list of full names if peft rewrote the regex; the model as it was on failure."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for as_list in (False, True):
+        pm = None
+        try:
+            pm = _get_peft_model(model, peft_config(plan, as_list), adapter_name, plan.expert_weights)
+            layers = adapted_layers(pm.get_base_model(), adapter_name)
+        except BaseException:
+            _unwrap(pm, model, flags)
+            raise
+        if sorted(layers) == sorted(plan.targets):
+            return pm, layers
+        _unwrap(pm, model, flags)
+    raise RuntimeError(f"peft adapted {sorted(layers)} instead of exactly {sorted(plan.targets)}, from an exact-name "
+                       f"regex and from a list of the full names; the model is left as it was; please report this")
+
+
+def _unwrap(pm, model: nn.Module, flags: list) -> None:
+    """Take the adapters out again (``pm`` None: none went in): the base layers back in place, no
+    peft config left on the model, every parameter's ``requires_grad`` as in ``flags``."""
+    if pm is not None:
+        pm.unload()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def _apply_signature() -> inspect.Signature:
