@@ -50,3 +50,18 @@ def optimiser_step(loss, params, opt, sched) -> float:
     sched.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
+
+
+def write_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so that
+    an interrupted write (Ctrl-C, a full disk, the end of a session) leaves the previous file whole."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

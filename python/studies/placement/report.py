@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from python.studies.common import write_atomic
+
 PREDICTORS = ("page", "page_expected", "full_grad", "page_per_param", "layer")
 PREDICTOR_NAMES = {"page": "PAGE (projection A)", "page_expected": "expected PAGE (A-free)",
                    "full_grad": "full-gradient energy", "page_per_param": "PAGE per parameter", "layer": "layer depth"}
@@ -326,13 +328,13 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False,
               + "; every number below is from the finished runs only")
     head = [f"# Placement study, {family}{' (smoke: a tiny random Llama, numbers mean nothing)' if smoke else ''}", "",
             f"Status: {status}.", ""]
-    (fam_dir / "probe.md").write_text("\n".join([
+    write_atomic((fam_dir / "probe.md"), "\n".join([
         f"# PAGE probes, {family}: concentration, by type, and agreement of the predictors", "",
         "Spearman's rho over all candidate modules; probe on each task's first 64 train items, rank 8, "
         "A seeds 0-2.", ""] + probe_lines(family, preds)) + "\n")
     crow = core_rows(runs, preds)
     clines, cnums = correlation_table(family, crow)
-    (fam_dir / "correlation.md").write_text("\n".join(head + [
+    write_atomic((fam_dir / "correlation.md"), "\n".join(head + [
         "Core test: single-module adapters at equal parameters; outcome = mean per-item drop of the held-out loss "
         "(base minus adapted), and task-metric gain over the base model; CI: bootstrap over modules.", ""]
         + clines + ["", "## The core modules", "",
@@ -341,14 +343,14 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False,
         + core_module_lines(family, crow) + [""] + lr_edge_lines(fam_dir)) + "\n")
     picks_path = fam_dir / "lr_picks.json"
     brows = budget_rows(runs, json.loads(picks_path.read_text()) if picks_path.exists() else {})
-    (fam_dir / "budget.md").write_text("\n".join(head + [
+    write_atomic((fam_dir / "budget.md"), "\n".join(head + [
         "Equal budgets (arm@fraction of vanilla LoRA r=8) and references; Δ = arm minus the other, paired on "
         "seeds and items (bootstrap over seeds, then items).", ""] + budget_table(family, brows, vanilla)) + "\n")
     plot(fam_dir, crow)
     plot_budget(fam_dir, brows)
     report = {"family": family, "status": status, "runs": done, "correlation": cnums, "budget": brows,
               "core_rows": crow}
-    (fam_dir / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    write_atomic((fam_dir / "report.json"), json.dumps(report, indent=1, default=float))
     return report
 
 
@@ -371,4 +373,4 @@ def combine(out: Path) -> None:
             parts += [f"## {fam.name}", "", status, ""] + tables + [""]
         if parts:
             title = "Correlation of the predictors with the gain" if name == "correlation.md" else "Equal budgets"
-            (out / name).write_text("\n".join([f"# Placement study: {title}, all families", ""] + parts))
+            write_atomic((out / name), "\n".join([f"# Placement study: {title}, all families", ""] + parts))

