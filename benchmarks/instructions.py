@@ -35,8 +35,10 @@ same workloads natively (interleaved, median), the noisy wall-clock ratio beside
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import mmap
 import os
@@ -121,14 +123,14 @@ class ClientRequests:
 
 # ----------------------------------------------------------------------------- callgrind output
 
-_TOTALS = re.compile(r"^(totals|summary):\s*(\d+)", re.M)
-_EVENTS = re.compile(r"^events:\s*(.+)$", re.M)
+_TOTALS = re.compile(r"^(totals|summary):\s*(\d+)", re.MULTILINE)
+_EVENTS = re.compile(r"^events:\s*(.+)$", re.MULTILINE)
 
 
 def parse_totals(text: str) -> int:
     """The instruction count (``Ir``, the first event) of one callgrind output file: its
     ``totals:`` line, or its ``summary:`` line where there is no ``totals:``."""
-    found = dict((k, int(v)) for k, v in _TOTALS.findall(text))
+    found = {k: int(v) for k, v in _TOTALS.findall(text)}
     ev = _EVENTS.search(text)
     if ev and ev.group(1).split()[0] != "Ir":
         raise ValueError(f"the first event is {ev.group(1).split()[0]}, not Ir")
@@ -215,7 +217,7 @@ def count(job: dict, workdir: Path, tag: str, log=print) -> dict:
     """One callgrind process for one provider: its counts, wall time and what it reported."""
     out = workdir / f"callgrind.{tag}.out"
     t0 = time.perf_counter()
-    r = subprocess.run(valgrind_cmd(out, job), capture_output=True, text=True, cwd=ROOT, env=child_env())
+    r = subprocess.run(valgrind_cmd(out, job), check=False, capture_output=True, text=True, cwd=ROOT, env=child_env())
     wall = time.perf_counter() - t0
     info = None
     for line in r.stdout.splitlines():
@@ -256,7 +258,7 @@ def native_times(job: dict, names: list[str], rounds: int) -> dict:
         f"print({CHILD_MARK!r}+json.dumps(t))\n"
     )
     j = dict(job, names=names, rounds=rounds)
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(j)], capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(j)], check=False, capture_output=True, text=True, cwd=ROOT,
                        env=child_env())
     for line in r.stdout.splitlines():
         if line.startswith(CHILD_MARK):
@@ -269,7 +271,7 @@ def native_times(job: dict, names: list[str], rounds: int) -> dict:
 
 def lscpu_head(n: int = 20) -> str:
     try:
-        return "\n".join(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:n])
+        return "\n".join(subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout.splitlines()[:n])
     except OSError as e:
         return f"(lscpu failed: {e})"
 
@@ -289,6 +291,12 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
+def _per_layer_by_repeat(a: dict, b: dict, name: str, dl: int) -> list[float]:
+    """Instructions per call one more layer costs ``name``, from repeat i of points ``a`` and ``b``."""
+    ca, cb = a["workload"]["calls"], b["workload"]["calls"]
+    return [(tb / cb - ta / ca) / dl for ta, tb in zip(a["summary"][name]["totals"], b["summary"][name]["totals"])]
+
+
 def marginal(points: list[dict]) -> list[dict]:
     """Per added layer, between consecutive points (same vocabulary, batch and tokens): the
     instructions per call each provider adds, and their ratio to the floor's. The embedding,
@@ -296,7 +304,7 @@ def marginal(points: list[dict]) -> list[dict]:
     backward stops short of) are in every point and cancel: what is left is what one more
     decoder layer costs, the part a deep model is made of."""
     out = []
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         dl = b["workload"]["spec"]["layers"] - a["workload"]["spec"]["layers"]
         row = {"layers": [a["workload"]["spec"]["layers"], b["workload"]["spec"]["layers"]], "per_layer": {}}
         for n in b["summary"]:
@@ -305,6 +313,10 @@ def marginal(points: list[dict]) -> list[dict]:
         if "floor" in row["per_layer"]:
             f = row["per_layer"]["floor"]
             row["ratio_to_floor"] = {n: ratio(v, f) for n, v in row["per_layer"].items()}
+            # the same from each repeat alone (repeat i of both points)
+            fl = _per_layer_by_repeat(a, b, "floor", dl)
+            row["ratio_to_floor_per_repeat"] = {n: [ratio(x, y) for x, y in zip(_per_layer_by_repeat(a, b, n, dl), fl)]
+                                                for n in row["per_layer"]}
         out.append(row)
     return out
 
@@ -366,7 +378,11 @@ def text_report(payload: dict) -> str:
         lines += ["", f"per added decoder layer ({m['layers'][0]} -> {m['layers'][1]} layers, mean instructions per call; "
                       f"embedding, head, loss and the floor's backward into the embeddings cancel):"]
         for n, v in m["per_layer"].items():
-            rr = f"  {m['ratio_to_floor'][n]:.4f} x floor" if "ratio_to_floor" in m else ""
+            rr = ""
+            if "ratio_to_floor" in m:
+                reps = m.get("ratio_to_floor_per_repeat", {}).get(n, [])
+                rr = f"  {m['ratio_to_floor'][n]:.4f} x floor" + (
+                    f"  (repeat by repeat: {' / '.join(f'{x:.4f}' for x in reps)})" if len(reps) > 1 else "")
             lines.append(f"  {n:<16}{v:>16,.0f}{rr}")
     lines += ["", f"valgrind processes (wall, on the shared machine): "
                   f"{', '.join(f'{k} {v:.0f} s' for k, v in payload['process_wall_s'].items())}; total {payload['wall_s']:.0f} s "
@@ -402,9 +418,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--time-rounds", type=int, default=7,
                     help="native timed rounds for the wall-clock contrast (0: none; default 7)")
     ap.add_argument("--out", default=str(RESULTS / "instructions.txt"), help="text report; the JSON twin beside it")
+    ap.add_argument("--keep", default=None,
+                    help="keep callgrind's output files in this folder (for callgrind_annotate); default: a temporary one")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="count nothing: write the text report (and the JSON) of a saved run again, to --out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.child:
+    if args.child or args.render:
         return args
     names = [n for n in args.providers.split(",") if n]
     bad = [n for n in names if n not in PROVIDERS]
@@ -457,6 +477,11 @@ def main(argv=None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
         print(CHILD_MARK + json.dumps(child(json.loads(args.child))), flush=True)
         return 0
+    if args.render:
+        payload = json.loads(Path(args.render).read_text())
+        payload["marginal"] = marginal(payload["points"])
+        write_report(payload, Path(args.out))
+        return 0
     if not shutil.which("valgrind"):
         print("valgrind not found: apt-get install valgrind", file=sys.stderr)
         return 2
@@ -465,13 +490,22 @@ def main(argv=None) -> int:
     sys.stdout.reconfigure(line_buffering=True)
     workloads = {L: workload_of(args, L) for L in args.layer_list}
     jobs = {L: {k: w[k] for k in ("spec", "batch", "tokens", "rank", "calls", "warmup")} for L, w in workloads.items()}
-    vg = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
+    vg = subprocess.run(["valgrind", "--version"], check=False, capture_output=True, text=True).stdout.strip()
     load0, t0 = os.getloadavg(), time.perf_counter()
     for w in workloads.values():
         print(f"workload {json.dumps(w)}")
     print(f"{args.repeats} repeats of {', '.join(args.provider_list)} under callgrind, {args.jobs} at a time")
     tasks = [(rep, L, n) for rep in range(args.repeats) for L in args.layer_list for n in args.provider_list]
-    with tempfile.TemporaryDirectory(prefix="instructions_") as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            tmp = Path(args.keep)
+            tmp.mkdir(parents=True, exist_ok=True)
+            stale = list(tmp.glob("callgrind.*"))
+            if stale:
+                print(f"--keep {tmp}: holds {len(stale)} callgrind files already; empty it first", file=sys.stderr)
+                return 2
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="instructions_"))
         with ThreadPoolExecutor(max_workers=args.jobs) as ex:
             futs = {(rep, L, n): ex.submit(count, dict(jobs[L], provider=n), Path(tmp), f"L{L}.{n}.{rep + 1}")
                     for rep, L, n in tasks}
@@ -501,14 +535,17 @@ def main(argv=None) -> int:
                            ((f"L{L}.{n}.{rep + 1}", results[(rep, L, n)]) for rep, L, n in tasks)},
         "loadavg_before": load0, "loadavg_after": os.getloadavg(), "wall_s": time.perf_counter() - t0,
     }
-    out = Path(args.out)
+    write_report(payload, Path(args.out))
+    return 0
+
+
+def write_report(payload: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     text = text_report(payload)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     print(text)
     print(f"wrote {out} and {out.with_suffix('.json').name}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -125,17 +125,35 @@ def test_marginal_cancels_what_every_point_shares():
     assert m["layers"] == [1, 3]
     assert m["per_layer"] == {"floor": 1000, "probe": 1050}
     assert m["ratio_to_floor"]["probe"] == pytest.approx(1.05)
+    assert m["ratio_to_floor_per_repeat"]["probe"] == pytest.approx([1.05, 1.05])
+
+
+def _payload(pts):
+    return {"command": "python -m benchmarks.instructions", "date": "today", "torch": "2", "python": "3.11",
+            "valgrind": "valgrind-3.19.0", "cpu_capability_under_valgrind": "AVX2", "cpu_capability_native": "AVX512",
+            "lscpu": "Architecture: x86_64", "repeats": 2, "points": pts, "marginal": I.marginal(pts),
+            "process_wall_s": {"L1.floor.1": 1.0}, "wall_s": 3.0, "loadavg_before": (1, 1, 1),
+            "loadavg_after": (1, 1, 1)}
+
+
+def test_render_writes_a_saved_run_again(tmp_path):
+    pts = [_point(1, [500, 500], [550, 550]), _point(2, [900, 900], [1000, 1001])]
+    saved = tmp_path / "saved.json"
+    payload = _payload(pts)
+    payload["marginal"] = []
+    saved.write_text(json.dumps(payload))
+    assert I.main(["--render", str(saved), "--out", str(tmp_path / "r.txt")]) == 0
+    text = (tmp_path / "r.txt").read_text()
+    assert text.startswith("command: python -m benchmarks.instructions\n")  # the counting run's command
+    assert "per added decoder layer (1 -> 2 layers" in text
+    assert "(repeat by repeat: 1.1250 / 1.1275)" in text
+    assert json.loads((tmp_path / "r.json").read_text())["marginal"][0]["layers"] == [1, 2]
 
 
 def test_text_report_renders():
     pts = [_point(1, [500, 500], [550, 550]), _point(2, [900, 900], [1000, 1001])]
     pts[0]["native"] = {"rounds": 2, "loadavg": (1.0, 1.0, 1.0), "times_s": {"floor": [1.0, 1.0], "probe": [1.2, 1.2]}}
-    payload = {"command": "python -m benchmarks.instructions", "date": "today", "torch": "2", "python": "3.11",
-               "valgrind": "valgrind-3.19.0", "cpu_capability_under_valgrind": "AVX2", "cpu_capability_native": "AVX512",
-               "lscpu": "Architecture: x86_64", "repeats": 2, "points": pts, "marginal": I.marginal(pts),
-               "process_wall_s": {"L1.floor.1": 1.0}, "wall_s": 3.0, "loadavg_before": (1, 1, 1),
-               "loadavg_after": (1, 1, 1)}
-    text = I.text_report(payload)
+    text = I.text_report(_payload(pts))
     assert text.startswith("command: python -m benchmarks.instructions\n")
     assert "probe / floor instructions: 1.1000 and 1.1000" in text
     assert "probe / floor instructions: 1.1111 and 1.1122" in text
@@ -150,7 +168,8 @@ def test_real_callgrind_run(tmp_path):
     out = tmp_path / "i.txt"
     rc = I.main(["--hidden", "64", "--intermediate", "128", "--layers", "1,2", "--heads", "4", "--kv-heads", "2",
                  "--vocab", "256", "--batch", "2", "--tokens", "16", "--calls", "2", "--repeats", "2",
-                 "--providers", "floor,probe", "--jobs", "2", "--time-rounds", "0", "--out", str(out)])
+                 "--providers", "floor,probe", "--jobs", "2", "--time-rounds", "0", "--out", str(out),
+                 "--keep", str(tmp_path / "cg")])
     assert rc == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert [p["workload"]["spec"]["layers"] for p in data["points"]] == [1, 2]
@@ -162,3 +181,5 @@ def test_real_callgrind_run(tmp_path):
     assert m["per_layer"]["floor"] > 0 and m["ratio_to_floor"]["probe"] > 1  # a layer costs the probe more
     assert data["cpu_capability_under_valgrind"]
     assert "per added decoder layer (1 -> 2 layers" in out.read_text()
+    kept = I.collect(tmp_path / "cg" / "callgrind.L2.probe.1.out")  # --keep: the files stay for callgrind_annotate
+    assert kept["total"] == data["points"][1]["counts"]["probe"][0]["total"]
