@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -278,18 +277,9 @@ def _write_json(path: Path, data) -> Path:
     so a failed write leaves what was there intact."""
     import json
 
-    text = json.dumps(data, indent=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    from .files import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(data, indent=1))
 
 
 def _placement_kwargs(args: argparse.Namespace, alpha: float) -> dict:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .files import write_text_atomic
 from .lora_init import draw_lora_A, draw_lora_B
 
 SCHEMA = "domlora_kernels.page_scores/1"
@@ -157,9 +158,6 @@ class PageScores:
         ``path`` (``os.replace``), so a write that fails midway (a full disk, Ctrl-C) leaves any
         previous report at ``path`` intact.
         """
-        import os
-        import secrets
-
         path = Path(path)
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder; give the report a file name, e.g. {path / 'page_scores.json'}")
@@ -168,18 +166,7 @@ class PageScores:
                 if not parent.is_dir():
                     raise NotADirectoryError(f"cannot write {path}: {parent} is a file, not a folder")
                 break
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1, allow_nan=False))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PageScores":

@@ -19,7 +19,7 @@ PKG = Path(domlora_kernels.__file__).resolve().parent
 
 # Lowest first. A module is placed by its longest matching prefix.
 LAYERS = [
-    ("errors", "stats", "lora_init", "distributed"),  # foundations: no import of the package
+    ("errors", "stats", "lora_init", "distributed", "files"),  # foundations: no import of the package
     ("ops",),  # the reductions
     ("scores",),  # the result type
     ("probe",),  # page_scores and its parts

@@ -53,15 +53,8 @@ def optimiser_step(loss, params, opt, sched) -> float:
 
 
 def write_atomic(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so that
-    an interrupted write (Ctrl-C, a full disk, the end of a session) leaves the previous file whole."""
-    import os
-    from pathlib import Path
+    """Write a result file so that an interrupted write (Ctrl-C, a full disk, a stopped run) leaves
+    the previous file whole: :func:`domlora_kernels.files.write_text_atomic`."""
+    from domlora_kernels.files import write_text_atomic
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, text)
