@@ -1,8 +1,8 @@
 """The README's Python examples run as written (on the real embedded model).
 
 Blocks fenced as ```python run in order in one namespace, as a reader would type them into
-one session. Blocks that need torchrun or GPUs are fenced as ```py and are exercised by
-tests/test_distributed.py instead.
+one Python interpreter. Blocks that need torchrun or GPUs are fenced as ```py and are exercised by
+tests/probe/test_distributed.py instead.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ launchers can produce (every tile set, f32 / bf16 / f16 / mixed inputs, padded, 
 segment ids, split over tokens) to a cubin with Triton's bundled ``ptxas`` and reads its
 resources with the bundled ``cuobjdump``. conftest.py sets ``TRITON_INTERPRET=1`` for this
 process on CPU-only machines, and interpreted kernels cannot be compiled, so the compiles
-run once per test session in a subprocess without it (in parallel; Triton's on-disk cache
-makes later sessions fast). benchmarks/kernel_resources.py prints the same data as a table.
+run once per pytest run in a subprocess without it (in parallel; Triton's on-disk cache
+makes later runs fast). benchmarks/kernel_resources.py prints the same data as a table.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Expert weights of mixture-of-experts models (issue 14): layouts, the routed forward, the
+"""Expert weights of mixture-of-experts models: layouts, the routed forward, the
 probe's matrices in peft's layout, and the per-expert energies against both oracles."""
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _batches():
 # per (projection, estimator): the naive oracle's entry, and whether it is [N, E] per sample (fisher)
 ORACLE_KEYS = {("A", "fisher"): "A", ("B", "fisher"): "B", ("expected", "fisher"): "full",
                ("A", "gradient"): "A_mean", ("B", "gradient"): "B_mean"}
-TOL = 1e-4  # issue 14: relative error below 1e-4 against both oracles (float32 models)
+TOL = 1e-4  # relative error below 1e-4 against both oracles (float32 models)
 
 
 @pytest.fixture(scope="module")
