@@ -83,65 +83,10 @@ def _weight_grad(module: torch.nn.Module) -> torch.Tensor:
     return g.T if type(module).__name__ == "Conv1D" else g  # Conv1D stores [in, out]
 
 
-def naive_page(model, batches, names, *, rank, projection="A", estimator="fisher", seed=0, lora_alpha=None):
-    """Oracle 1: one sample at a time, weights requiring grad, full G_b, float64 energies.
-
-    Returns ``(scores {name: float}, per_sample {name: [N] float64})``.
-    """
-    s = lora_scaling(rank, lora_alpha)
+def _sample_weight_grads(model, batches, names):
+    """Each unpadded sample's full weight gradients ``{name: G_b [m, n]}`` in float64, one sample per
+    forward and backward with every weight requiring grad; the flags are restored at the end."""
     mods = dict(model.named_modules())
-    per = {n: [] for n in names}
-    sums = {n: {} for n in names}
-    count = 0
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
-    try:
-        for batch in batches:
-            for b in range(batch["input_ids"].shape[0]):
-                length = int(batch["attention_mask"][b].sum()) if "attention_mask" in batch else batch["input_ids"].shape[1]
-                ids = batch["input_ids"][b : b + 1, :length]
-                labels = batch["labels"][b : b + 1, :length] if "labels" in batch else ids
-                model.zero_grad(set_to_none=True)
-                logits = model(input_ids=ids, use_cache=False).logits
-                causal_lm_losses(logits, labels)[0].backward()
-                count += 1
-                for n in names:
-                    mod = mods[n]
-                    g = _weight_grad(mod).to(torch.float64)  # [m, n]
-                    a = draw_lora_A(n, rank, g.shape[1], seed).to(torch.float64)
-                    bm = draw_lora_B(n, rank, g.shape[0], seed).to(torch.float64)
-                    e = 0.0
-                    if projection in ("A", "AB"):
-                        e += float((s * g @ a.T).square().sum())
-                    if projection in ("B", "AB"):
-                        e += float((s * bm.T @ g).square().sum())
-                    if projection == "expected":
-                        e += float(s * s * rank / (3 * g.shape[1]) * g.square().sum())
-                    per[n].append(e)
-                    if estimator == "gradient":
-                        acc = sums[n]
-                        if projection in ("A", "AB"):
-                            acc["A"] = acc.get("A", 0) + s * g @ a.T
-                        if projection in ("B", "AB"):
-                            acc["B"] = acc.get("B", 0) + s * bm.T @ g
-    finally:
-        model.zero_grad(set_to_none=True)
-        for p, rg in flags:
-            p.requires_grad_(rg)
-    per_t = {n: torch.tensor(v, dtype=torch.float64) for n, v in per.items()}
-    if estimator == "fisher":
-        return {n: float(v.mean()) for n, v in per_t.items()}, per_t
-    return {n: float(sum((x / count).square().sum() for x in sums[n].values())) for n in names}, per_t
-
-
-def naive_mean_gradient(model, batches, names, *, rank, seed=0, lora_alpha=None) -> dict[str, torch.Tensor]:
-    """Oracle 1 for the mean projected gradient: ``s (1/N) sum_b G_b A^T`` ``[m, r]`` per module,
-    from each unpadded sample's full weight gradient ``G_b``, in float64."""
-    s = lora_scaling(rank, lora_alpha)
-    mods = dict(model.named_modules())
-    acc = {n: 0.0 for n in names}
-    count = 0
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
@@ -153,14 +98,57 @@ def naive_mean_gradient(model, batches, names, *, rank, seed=0, lora_alpha=None)
                 labels = batch["labels"][b : b + 1, :length] if "labels" in batch else ids
                 model.zero_grad(set_to_none=True)
                 causal_lm_losses(model(input_ids=ids, use_cache=False).logits, labels)[0].backward()
-                count += 1
-                for n in names:
-                    g = _weight_grad(mods[n]).to(torch.float64)
-                    acc[n] = acc[n] + s * g @ draw_lora_A(n, rank, g.shape[1], seed).to(torch.float64).T
+                yield {n: _weight_grad(mods[n]).to(torch.float64) for n in names}
     finally:
         model.zero_grad(set_to_none=True)
         for p, rg in flags:
             p.requires_grad_(rg)
+
+
+def naive_page(model, batches, names, *, rank, projection="A", estimator="fisher", seed=0, lora_alpha=None):
+    """Oracle 1: one sample at a time, weights requiring grad, full G_b, float64 energies.
+
+    Returns ``(scores {name: float}, per_sample {name: [N] float64})``.
+    """
+    s = lora_scaling(rank, lora_alpha)
+    per = {n: [] for n in names}
+    sums = {n: {} for n in names}
+    count = 0
+    for grads in _sample_weight_grads(model, batches, names):
+        count += 1
+        for n, g in grads.items():  # g: [m, n]
+            a = draw_lora_A(n, rank, g.shape[1], seed).to(torch.float64)
+            bm = draw_lora_B(n, rank, g.shape[0], seed).to(torch.float64)
+            e = 0.0
+            if projection in ("A", "AB"):
+                e += float((s * g @ a.T).square().sum())
+            if projection in ("B", "AB"):
+                e += float((s * bm.T @ g).square().sum())
+            if projection == "expected":
+                e += float(s * s * rank / (3 * g.shape[1]) * g.square().sum())
+            per[n].append(e)
+            if estimator == "gradient":
+                acc = sums[n]
+                if projection in ("A", "AB"):
+                    acc["A"] = acc.get("A", 0) + s * g @ a.T
+                if projection in ("B", "AB"):
+                    acc["B"] = acc.get("B", 0) + s * bm.T @ g
+    per_t = {n: torch.tensor(v, dtype=torch.float64) for n, v in per.items()}
+    if estimator == "fisher":
+        return {n: float(v.mean()) for n, v in per_t.items()}, per_t
+    return {n: float(sum((x / count).square().sum() for x in sums[n].values())) for n in names}, per_t
+
+
+def naive_mean_gradient(model, batches, names, *, rank, seed=0, lora_alpha=None) -> dict[str, torch.Tensor]:
+    """Oracle 1 for the mean projected gradient: ``s (1/N) sum_b G_b A^T`` ``[m, r]`` per module,
+    from each unpadded sample's full weight gradient ``G_b``, in float64."""
+    s = lora_scaling(rank, lora_alpha)
+    acc = {n: 0.0 for n in names}
+    count = 0
+    for grads in _sample_weight_grads(model, batches, names):
+        count += 1
+        for n, g in grads.items():
+            acc[n] = acc[n] + s * g @ draw_lora_A(n, rank, g.shape[1], seed).to(torch.float64).T
     return {n: v / count for n, v in acc.items()}
 
 
