@@ -1,0 +1,227 @@
+"""The default placement strategy, decided from the study's tables by the rule of
+docs/placement_protocol.md, and the confirmation of that default read by the same rule.
+
+A *cell* is one (family, task, budget) of the equal-budget stage. In a cell, each arm's outcome is
+its per-item held-out loss drop on every seed (at its tuned rate); a difference between two arms
+is paired on seeds and items (:func:`python.studies.placement.report.paired_ci`).
+
+- ``decide`` (design cells): each candidate strategy's margin against the cell's best peer, the
+  qualification of step 3 of the protocol, and the fallback of step 4 when none qualifies.
+- ``confirm`` (confirmation cells, given the committed default): the default's difference from
+  each peer and from vanilla LoRA, and whether the confirmation criterion holds.
+
+Usage, from the repository root:
+    python -m python.studies.placement.decide decide --cells smollm2:instruction:0.007,smollm2:instruction:0.05,gemma3:instruction:0.007
+    python -m python.studies.placement.decide confirm --default types --cells qwen05:instruction:0.007
+
+Each writes a markdown table and a JSON of every number next to the study's results
+(``decision.md`` / ``decision.json``, ``confirmation.md`` / ``confirmation.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from domlora_kernels.files import write_text_atomic
+from python.studies.placement import report
+
+# The arms of the protocol's comparison (python/studies/placement/study.py names them).
+CANDIDATES = ("types", "adam", "heldout", "pilot", "page_budget")  # the package's strategies
+PEERS = ("plop_vod", "eva", "kappatune", "shallow_down", "random_module", "page_top1")
+# An arm's strategy name in domlora_kernels.placement (peers the package does not plan: None).
+STRATEGY_OF = {"types": "types", "adam": "adam", "heldout": "heldout", "pilot": "pilot", "page_budget": "page",
+               "plop_vod": "plop", "eva": None, "kappatune": None, "shallow_down": None, "random_module": None,
+               "page_top1": None}
+# Cheaper first (the protocol's tie-break: fewer probes, then fewer pilot steps; data-free first).
+COST_ORDER = ("plop_vod", "shallow_down", "random_module", "kappatune", "page_top1", "page_budget", "types",
+              "adam", "heldout", "eva", "pilot")
+TIE = 0.005
+SEEDS = 3
+
+
+@dataclass(frozen=True)
+class Cell:
+    family: str
+    task: str
+    budget: str  # as the study labels it: "0.007", "0.05"
+
+    @classmethod
+    def parse(cls, text: str) -> Cell:
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"cell {text!r} is not FAMILY:TASK:BUDGET (e.g. smollm2:instruction:0.007)")
+        float(parts[2])  # a clear ValueError if the budget is not a number
+        return cls(*parts)
+
+    def __str__(self) -> str:
+        return f"{self.family} {self.task} {float(self.budget) * 100:g}%"
+
+
+def cell_drops(root: Path, cell: Cell) -> dict[str, dict[int, list[float]]]:
+    """``arm -> seed -> per-item loss drop`` of every arm with all its seeds in ``cell``
+    (budgeted arms by their plain name; ``lora_all``, the reference, too)."""
+    fam = Path(root) / cell.family
+    if not (fam / "runs.jsonl").exists():
+        raise FileNotFoundError(f"{fam}/runs.jsonl is missing: no run of {cell.family} yet")
+    runs = report.load_runs(fam)
+    picks_path = fam / "lr_picks.json"
+    picks = json.loads(picks_path.read_text()) if picks_path.exists() else {}
+    base = next((r for r in runs if r["task"] == cell.task and r["arm"] == "base" and r["phase"] == "test"), None)
+    if base is None:
+        raise ValueError(f"{cell}: the base model's test run is missing (run --stage budget first)")
+    b = np.asarray(base["test_losses"], float)
+    out: dict[str, dict[int, list[float]]] = {}
+    for arm in CANDIDATES + PEERS + ("lora_all",):
+        label = arm if arm == "lora_all" else f"{arm}@{cell.budget}"
+        got = picks.get(f"{cell.task}|budget|{label}")
+        rs = [r for r in runs if r["task"] == cell.task and r["stage"] == "budget" and r["arm"] == label
+              and r["phase"] == "test" and (got is None or f"{got['lr']:.3g}" == f"{r['lr']:.3g}")]
+        if len({r["seed"] for r in rs}) >= SEEDS:
+            out[arm] = {r["seed"]: list(b - np.asarray(r["test_losses"], float)) for r in rs}
+    return out
+
+
+def mean_drop(d: dict[int, list[float]]) -> float:
+    return float(np.mean([np.mean(v) for v in d.values()]))
+
+
+def best_peer(drops: dict[str, dict[int, list[float]]]) -> str | None:
+    peers = [p for p in PEERS if p in drops]
+    return max(peers, key=lambda p: mean_drop(drops[p])) if peers else None
+
+
+def _cheapest(names: list[str], score: dict[str, float]) -> str:
+    top = max(score[n] for n in names)
+    return min((n for n in names if score[n] >= top - TIE), key=COST_ORDER.index)
+
+
+def decide(root: Path, cells: list[Cell]) -> dict:
+    """The protocol's steps 1-4 on the design ``cells``; every number it rests on."""
+    table = {}
+    for c in cells:
+        drops = cell_drops(root, c)
+        bp = best_peer(drops)
+        if bp is None:
+            raise ValueError(f"{c}: no peer arm has all {SEEDS} seeds; the decision needs them")
+        table[str(c)] = {"best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
+                         "margin": {a: report.paired_ci(drops[a], drops[bp]) for a in drops if a != "lora_all"},
+                         "plop_fits": "plop_vod" in drops}
+    everywhere = [a for a in CANDIDATES if all(a in t["drop"] for t in table.values())]
+    mean_margin = {a: float(np.mean([t["margin"][a][0] for t in table.values()])) for a in everywhere}
+    below = {a: [k for k, t in table.items() if t["margin"][a][2] < 0] for a in everywhere}
+    qualified = [a for a in everywhere if mean_margin[a] > 0 and not below[a]]
+    out = {"cells": table, "mean_margin": mean_margin, "cells_wholly_below_0": below, "qualified": qualified}
+    if qualified:
+        out["default"] = {"rule": "strategy", "arm": _cheapest(qualified, mean_margin)}
+        return out
+    # step 4: plop where it fits; below, the rule (package or peer) closest to each cell's best peer
+    small = {k: t for k, t in table.items() if not t["plop_fits"]}
+    pool = [a for a in CANDIDATES + PEERS if a != "plop_vod" and all(a in t["drop"] for t in small.values())]
+    small_margin = {a: float(np.mean([t["margin"][a][0] for t in small.values()])) for a in pool}
+    out["small_budget_margin"] = small_margin
+    out["default"] = {"rule": "peer", "large": "plop_vod",
+                      "small": _cheapest(pool, small_margin) if pool else None}
+    return out
+
+
+def confirm(root: Path, cells: list[Cell], default: str) -> dict:
+    """The committed default (an arm name) against each peer and vanilla LoRA in each cell."""
+    table = {}
+    for c in cells:
+        drops = cell_drops(root, c)
+        if default not in drops:
+            table[str(c)] = {"missing": True, "arms": sorted(drops)}
+            continue
+        bp = best_peer({k: v for k, v in drops.items() if k != default})
+        table[str(c)] = {"best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
+                         "delta": {a: report.paired_ci(drops[default], drops[a]) for a in drops if a != default}}
+    done = [t for t in table.values() if not t.get("missing") and t["best_peer"]]
+    margins = [t["delta"][t["best_peer"]] for t in done]
+    out = {"default": default, "cells": table, "complete": len(done) == len(cells)}
+    if margins:
+        out["mean_margin_vs_best_peer"] = float(np.mean([m[0] for m in margins]))
+        out["confirmed"] = (out["complete"] and out["mean_margin_vs_best_peer"] >= 0
+                            and all(m[2] >= 0 for m in margins))
+    return out
+
+
+def _ci(t) -> str:
+    return report._fmt(tuple(t))
+
+
+def decision_lines(d: dict) -> list[str]:
+    lines = ["| cell | best peer (loss drop) | " + " | ".join(f"{a} − best peer" for a in CANDIDATES) + " |",
+             "|---|---|" + "---|" * len(CANDIDATES)]
+    for k, t in d["cells"].items():
+        bp = t["best_peer"]
+        cols = [_ci(t["margin"][a]) if a in t["margin"] else "not run" for a in CANDIDATES]
+        lines.append(f"| {k} | {bp} ({t['drop'][bp]:.3f}) | " + " | ".join(cols) + " |")
+    lines += ["", "| strategy | mean margin | cells whose CI lies wholly below 0 | qualifies |", "|---|---:|---|---|"]
+    for a, m in d["mean_margin"].items():
+        lines.append(f"| {a} | {m:+.3f} | {', '.join(d['cells_wholly_below_0'][a]) or 'none'} | "
+                     f"{'yes' if a in d['qualified'] else 'no'} |")
+    dflt = d["default"]
+    if dflt["rule"] == "strategy":
+        lines += ["", f"**Default: `{STRATEGY_OF[dflt['arm']]}`** (arm `{dflt['arm']}`), by step 3."]
+    else:
+        sm = d["small_budget_margin"]
+        intro = ("No strategy of the package qualifies (step 4). Below PLoP's threshold, mean margin over the "
+                 "cells where v/o/down does not fit at rank 1 on every layer:")
+        rows = [f"| {a} | {m:+.3f} |" for a, m in sorted(sm.items(), key=lambda x: -x[1])]
+        lines += ["", intro, "", "| rule | mean margin |", "|---|---:|", *rows]
+        lines += ["", f"**Default: PLoP's types (`plop`) where they fit, else `{dflt['small']}`**, by step 4."]
+    return lines
+
+
+def confirmation_lines(c: dict) -> list[str]:
+    lines = [f"Default under test: `{c['default']}`.", ""]
+    for k, t in c["cells"].items():
+        if t.get("missing"):
+            have = ", ".join(t["arms"]) or "none"
+            lines += [f"## {k}", "", f"The default has no finished runs here yet (arms with all seeds: {have}).", ""]
+            continue
+        lines += [f"## {k}", "", f"Best peer: {t['best_peer']}.", "", "| other arm | its loss drop | default − it [95% CI] |",
+                  "|---|---:|---|"]
+        lines += [f"| {a} | {t['drop'][a]:.3f} | {_ci(dl)} |" for a, dl in sorted(t["delta"].items(),
+                                                                                   key=lambda x: -t["drop"][x[0]])]
+        lines.append("")
+    if "mean_margin_vs_best_peer" in c:
+        verdict = ("confirmed" if c["confirmed"] else "not confirmed") if c["complete"] else "incomplete"
+        lines.append(f"Mean margin against each cell's best peer: {c['mean_margin_vs_best_peer']:+.3f}; {verdict}.")
+    return lines
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("decide", "confirm"))
+    ap.add_argument("--cells", required=True, help="comma-separated FAMILY:TASK:BUDGET")
+    ap.add_argument("--default", help="confirm: the committed default's arm name (e.g. types)")
+    ap.add_argument("--root", type=Path, default=Path("python/results/placement"), help="the study's results")
+    ap.add_argument("--out", type=Path, help="where decision/confirmation .md and .json go (default: --root)")
+    a = ap.parse_args(argv)
+    cells = [Cell.parse(x) for x in a.cells.split(",") if x]
+    if a.what == "decide":
+        d = decide(a.root, cells)
+        what = ("Margin = the strategy's held-out loss drop minus the cell's best peer's, paired on seeds and items "
+                "(95% bootstrap CI). Rule: docs/placement_protocol.md.")
+        lines = ["# The default placement: the decision on the design cells", "", what, "", *decision_lines(d)]
+        name = "decision"
+    else:
+        if a.default not in CANDIDATES + PEERS:
+            ap.error(f"--default must be an arm of the study ({', '.join(CANDIDATES + PEERS)}), got {a.default!r}")
+        d = confirm(a.root, cells, a.default)
+        lines = ["# The default placement: confirmation", ""] + confirmation_lines(d)
+        name = "confirmation"
+    out = a.out or a.root
+    write_text_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / f"{name}.json", json.dumps(d, indent=1, default=float))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The decision rule of docs/placement_protocol.md, on synthetic study results."""
+
+import json
+
+import numpy as np
+import pytest
+
+from python.studies.placement import decide
+
+ITEMS = 40
+
+
+def _write(root, family, task, drops: dict[str, float], budget="0.007", seeds=3, noise=0.01):
+    """A family folder whose runs give each arm (budgeted ones at ``budget``) the mean loss drop asked."""
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 2.0, ITEMS)
+    fam = root / family
+    fam.mkdir(parents=True, exist_ok=True)
+    lines = [{"key": f"{task}|base", "task": task, "stage": "budget", "arm": "base", "phase": "test", "seed": 0,
+              "lr": 0.0, "test_losses": base.tolist()}]
+    for arm, d in drops.items():
+        label = arm if arm == "lora_all" else f"{arm}@{budget}"
+        for s in range(seeds):
+            loss = base - d + rng.normal(0, noise, ITEMS)
+            lines.append({"key": f"{task}|{label}|{s}", "task": task, "stage": "budget", "arm": label, "phase": "test",
+                          "seed": s, "lr": 0.01, "test_losses": loss.tolist()})
+    with open(fam / "runs.jsonl", "a") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+
+
+def test_a_strategy_ahead_of_the_best_peer_everywhere_is_the_default(tmp_path):
+    _write(tmp_path, "a", "t", {"types": 1.1, "adam": 1.3, "eva": 1.0, "shallow_down": 0.9})
+    _write(tmp_path, "b", "t", {"types": 2.2, "adam": 1.5, "eva": 2.0, "shallow_down": 2.1})
+    d = decide.decide(tmp_path, [decide.Cell("a", "t", "0.007"), decide.Cell("b", "t", "0.007")])
+    assert d["cells"]["a t 0.7%"]["best_peer"] == "eva"
+    assert d["cells"]["b t 0.7%"]["best_peer"] == "shallow_down"
+    assert d["qualified"] == ["types"]  # adam: behind shallow_down on b, its CI wholly below 0
+    assert d["cells_wholly_below_0"]["adam"] == ["b t 0.7%"]
+    assert d["default"] == {"rule": "strategy", "arm": "types"}
+
+
+def test_ties_go_to_the_cheaper_strategy(tmp_path):
+    _write(tmp_path, "a", "t", {"types": 1.2, "adam": 1.202, "eva": 1.0}, noise=0.0)
+    d = decide.decide(tmp_path, [decide.Cell("a", "t", "0.007")])
+    assert set(d["qualified"]) == {"types", "adam"}
+    assert d["default"]["arm"] == "types"  # within 0.005 of adam, and cheaper
+
+
+def test_without_a_qualified_strategy_the_small_budget_rule_is_the_closest_to_the_best_peer(tmp_path):
+    _write(tmp_path, "a", "t", {"types": 0.95, "eva": 1.0, "kappatune": 0.8, "plop_vod": 0.5}, budget="0.05")
+    _write(tmp_path, "a", "t", {"types": 0.95, "eva": 1.0, "kappatune": 0.97}, budget="0.007")
+    _write(tmp_path, "b", "t", {"types": 1.8, "eva": 1.7, "kappatune": 2.0})
+    cells = [decide.Cell("a", "t", "0.05"), decide.Cell("a", "t", "0.007"), decide.Cell("b", "t", "0.007")]
+    d = decide.decide(tmp_path, cells)
+    assert d["qualified"] == []
+    assert set(d["small_budget_margin"]) == {"types", "eva", "kappatune"}  # plop_vod fits only at 5%
+    assert d["small_budget_margin"]["types"] == pytest.approx((-0.05 - 0.2) / 2, abs=0.01)
+    assert d["default"] == {"rule": "peer", "large": "plop_vod", "small": "kappatune"}
+
+
+def test_an_arm_short_of_seeds_is_not_counted(tmp_path):
+    _write(tmp_path, "a", "t", {"eva": 1.0})
+    _write(tmp_path, "a", "t", {"types": 2.0}, seeds=2)
+    assert "types" not in decide.cell_drops(tmp_path, decide.Cell("a", "t", "0.007"))
+
+
+def test_confirmation_reports_each_peer_and_is_incomplete_until_the_default_ran(tmp_path):
+    _write(tmp_path, "q", "t", {"eva": 1.0, "random_module": 0.5, "lora_all": 1.5})
+    c = decide.confirm(tmp_path, [decide.Cell("q", "t", "0.007")], "types")
+    assert c["cells"]["q t 0.7%"]["missing"] and not c["complete"] and "confirmed" not in c
+    _write(tmp_path, "q", "t", {"types": 1.1})
+    c = decide.confirm(tmp_path, [decide.Cell("q", "t", "0.007")], "types")
+    cell = c["cells"]["q t 0.7%"]
+    assert cell["best_peer"] == "eva"
+    assert cell["delta"]["eva"][0] == pytest.approx(0.1, abs=0.01)
+    assert cell["delta"]["lora_all"][0] == pytest.approx(-0.4, abs=0.01)
+    assert c["confirmed"]
+
+
+def test_bad_cells_say_what_is_expected(tmp_path):
+    with pytest.raises(ValueError, match="FAMILY:TASK:BUDGET"):
+        decide.Cell.parse("smollm2:0.007")
+    with pytest.raises(FileNotFoundError, match="no run of nope"):
+        decide.cell_drops(tmp_path, decide.Cell("nope", "t", "0.007"))
+
+
+def test_cli_writes_the_table(tmp_path, capsys):
+    _write(tmp_path, "a", "t", {"types": 1.1, "eva": 1.0})
+    decide.main(["decide", "--cells", "a:t:0.007", "--root", str(tmp_path)])
+    text = (tmp_path / "decision.md").read_text()
+    assert "**Default: `types`**" in text and text in capsys.readouterr().out + "\n"
