@@ -89,3 +89,14 @@ def test_cli_writes_the_table(tmp_path, capsys):
     decide.main(["decide", "--cells", "a:t:0.007", "--root", str(tmp_path)])
     text = (tmp_path / "decision.md").read_text()
     assert "**Default: `types`**" in text and text in capsys.readouterr().out + "\n"
+
+
+def test_separation_needs_the_best_peer_clear_of_the_worst(tmp_path):
+    _write(tmp_path, "a", "t", {"eva": 1.0, "random_module": 0.6})
+    _write(tmp_path, "b", "t", {"eva": 1.0, "random_module": 0.998})
+    sep = decide.separation(tmp_path, [decide.Cell("a", "t", "0.007"), decide.Cell("b", "t", "0.007")])
+    assert sep["a t 0.7%"]["separates"] and sep["a t 0.7%"]["best"] == "eva"
+    assert not sep["b t 0.7%"]["separates"]
+    with pytest.raises(SystemExit) as e:
+        decide.main(["separation", "--cells", "b:t:0.007", "--root", str(tmp_path)])
+    assert e.value.code == 3

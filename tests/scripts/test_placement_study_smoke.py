@@ -267,3 +267,19 @@ def test_two_processes_append_to_one_runs_file_without_mixing_lines(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     lines = path.read_text().splitlines()
     assert len(lines) == 80 and sorted(json.loads(x)["key"] for x in lines) == sorted(f"{w}{i}" for w in "ab" for i in range(40))
+
+
+def test_status_names_the_arms_short_of_seeds_however_many_runs_there_are():
+    from python.studies.placement.report import status_line
+
+    def run(arm, seed, lr=0.01):
+        return {"task": "t", "stage": "budget", "arm": arm, "phase": "test", "seed": seed, "lr": lr,
+                "params": 1, "ranks": {"m": 1}, "test_losses": [1.0], "metric_scores": [1.0]}
+
+    runs = [run("a@0.007", s) for s in range(3)] + [run("b@0.007", 0)] + [run("b@0.007", s, lr=0.1) for s in range(3)]
+    picks = {"t|budget|b@0.007": {"lr": 0.01}}  # b's three seeds at 0.1 are at an earlier pick
+    cells = [("t", "a@0.007"), ("t", "b@0.007"), ("t", "c@0.05")]
+    text = status_line(runs, picks, done=99, planned=10, cells=cells, seeds=3)
+    assert text.startswith("PARTIAL: 1 of 3 planned budget arms")
+    assert "t b@0.007 (1 of 3 seeds)" in text and "t c@0.05 (0 of 3 seeds)" in text
+    assert status_line(runs, picks, 99, 10, cells[:1], 3).startswith("complete: all 1 planned")

@@ -13,6 +13,8 @@ is paired on seeds and items (:func:`python.studies.placement.report.paired_ci`)
 Usage, from the repository root:
     python -m python.studies.placement.decide decide --cells smollm2:instruction:0.007,smollm2:instruction:0.05,gemma3:instruction:0.007
     python -m python.studies.placement.decide confirm --default types --cells qwen05:instruction:0.007
+    python -m python.studies.placement.decide separation --cells smollm2:chat:0.007   # exit 3: it does not
+    python -m python.studies.placement.decide arm --cells smollm2:chat:0.05   # the default's arm there
 
 Each writes a markdown table and a JSON of every number next to the study's results
 (``decision.md`` / ``decision.json``, ``confirmation.md`` / ``confirmation.json``).
@@ -129,24 +131,63 @@ def decide(root: Path, cells: list[Cell]) -> dict:
     return out
 
 
-def confirm(root: Path, cells: list[Cell], default: str) -> dict:
-    """The committed default (an arm name) against each peer and vanilla LoRA in each cell."""
+def plop_fits(root: Path, cell: Cell) -> bool:
+    """Whether PLoP's types fit the cell's budget at rank 1 on every layer (the study's plan)."""
+    from python.studies.placement.study import budget_arm, vanilla_params
+
+    pf = Path(root) / cell.family / f"predictors_{cell.task}.json"
+    if not pf.exists():
+        raise FileNotFoundError(f"{pf} is missing: run --stage probe for {cell.family} first")
+    pred = json.loads(pf.read_text())
+    return isinstance(budget_arm("plop_vod", pred, int(float(cell.budget) * vanilla_params(pred)), None), dict)
+
+
+def default_arm(decision: dict, root: Path, cell: Cell) -> str:
+    """The arm that plays the decided default in ``cell``: the strategy's, or PLoP's types where
+    they fit and the small-budget rule below that."""
+    d = decision["default"]
+    if d["rule"] == "strategy":
+        return d["arm"]
+    return d["large"] if plop_fits(root, cell) else d["small"]
+
+
+def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
+    """The default against each peer and vanilla LoRA in each cell. ``default``: an arm name, or
+    the committed decision (``decision.json``), whose arm then depends on the cell's budget."""
     table = {}
     for c in cells:
+        arm = default if isinstance(default, str) else default_arm(default, root, c)
         drops = cell_drops(root, c)
-        if default not in drops:
-            table[str(c)] = {"missing": True, "arms": sorted(drops)}
+        if arm not in drops:
+            table[str(c)] = {"default_arm": arm, "missing": True, "arms": sorted(drops)}
             continue
-        bp = best_peer({k: v for k, v in drops.items() if k != default})
-        table[str(c)] = {"best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
-                         "delta": {a: report.paired_ci(drops[default], drops[a]) for a in drops if a != default}}
+        bp = best_peer({k: v for k, v in drops.items() if k != arm})
+        table[str(c)] = {"default_arm": arm, "best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
+                         "delta": {a: report.paired_ci(drops[arm], drops[a]) for a in drops if a != arm}}
     done = [t for t in table.values() if not t.get("missing") and t["best_peer"]]
     margins = [t["delta"][t["best_peer"]] for t in done]
-    out = {"default": default, "cells": table, "complete": len(done) == len(cells)}
+    out = {"default": default if isinstance(default, str) else default["default"], "cells": table,
+           "complete": len(done) == len(cells)}
     if margins:
         out["mean_margin_vs_best_peer"] = float(np.mean([m[0] for m in margins]))
         out["confirmed"] = (out["complete"] and out["mean_margin_vs_best_peer"] >= 0
                             and all(m[2] >= 0 for m in margins))
+    return out
+
+
+def separation(root: Path, cells: list[Cell]) -> dict:
+    """Does the task separate placements? Per cell, the best peer minus the worst peer (paired);
+    the cell separates when that CI lies wholly above 0. A cell where every placement ties is no
+    evidence for or against a default."""
+    out = {}
+    for c in cells:
+        drops = cell_drops(root, c)
+        peers = sorted((p for p in PEERS if p in drops), key=lambda p: mean_drop(drops[p]))
+        if len(peers) < 2:
+            out[str(c)] = {"peers": peers, "separates": None}
+            continue
+        d = report.paired_ci(drops[peers[-1]], drops[peers[0]])
+        out[str(c)] = {"peers": peers, "best": peers[-1], "worst": peers[0], "delta": d, "separates": d[1] > 0}
     return out
 
 
@@ -179,14 +220,15 @@ def decision_lines(d: dict) -> list[str]:
 
 
 def confirmation_lines(c: dict) -> list[str]:
-    lines = [f"Default under test: `{c['default']}`.", ""]
+    lines = [f"Default under test: `{json.dumps(c['default'])}`.", ""]
     for k, t in c["cells"].items():
         if t.get("missing"):
             have = ", ".join(t["arms"]) or "none"
-            lines += [f"## {k}", "", f"The default has no finished runs here yet (arms with all seeds: {have}).", ""]
+            lines += [f"## {k}", "", f"The default (arm `{t['default_arm']}`) has no finished runs here yet (arms "
+                      f"with all seeds: {have}).", ""]
             continue
-        lines += [f"## {k}", "", f"Best peer: {t['best_peer']}.", "", "| other arm | its loss drop | default − it [95% CI] |",
-                  "|---|---:|---|"]
+        lines += [f"## {k}", "", f"Default's arm: `{t['default_arm']}` ({t['drop'][t['default_arm']]:.3f}); best peer: "
+                  f"{t['best_peer']}.", "", "| other arm | its loss drop | default − it [95% CI] |", "|---|---:|---|"]
         lines += [f"| {a} | {t['drop'][a]:.3f} | {_ci(dl)} |" for a, dl in sorted(t["delta"].items(),
                                                                                    key=lambda x: -t["drop"][x[0]])]
         lines.append("")
@@ -198,13 +240,29 @@ def confirmation_lines(c: dict) -> list[str]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("decide", "confirm"))
+    ap.add_argument("what", choices=("decide", "confirm", "separation", "arm"))
     ap.add_argument("--cells", required=True, help="comma-separated FAMILY:TASK:BUDGET")
-    ap.add_argument("--default", help="confirm: the committed default's arm name (e.g. types)")
+    ap.add_argument("--default", help="confirm: an arm name (e.g. types); default: the committed decision.json")
     ap.add_argument("--root", type=Path, default=Path("python/results/placement"), help="the study's results")
     ap.add_argument("--out", type=Path, help="where decision/confirmation .md and .json go (default: --root)")
     a = ap.parse_args(argv)
     cells = [Cell.parse(x) for x in a.cells.split(",") if x]
+    if a.what == "arm":  # the committed default's arm in each cell, one a line (for confirm.sh)
+        path = a.root / "decision.json"
+        if not path.exists():
+            ap.error(f"{path} is missing: decide on the design cells first (the decide command)")
+        decision = json.loads(path.read_text())
+        print("\n".join(default_arm(decision, a.root, c) for c in cells))
+        return
+    if a.what == "separation":  # printed only: a gate of the confirmation script, not a result file
+        sep = separation(a.root, cells)
+        for k, v in sep.items():
+            if v["separates"] is None:
+                print(f"{k}: fewer than two peers with all seeds ({', '.join(v['peers']) or 'none'})")
+            else:
+                print(f"{k}: {v['best']} - {v['worst']} = {_ci(v['delta'])}: "
+                      f"{'separates' if v['separates'] else 'does NOT separate'} placements")
+        raise SystemExit(0 if all(v["separates"] for v in sep.values()) else 3)
     if a.what == "decide":
         d = decide(a.root, cells)
         what = ("Margin = the strategy's held-out loss drop minus the cell's best peer's, paired on seeds and items "
@@ -212,9 +270,16 @@ def main(argv=None) -> None:
         lines = ["# The default placement: the decision on the design cells", "", what, "", *decision_lines(d)]
         name = "decision"
     else:
-        if a.default not in CANDIDATES + PEERS:
+        if a.default is None:
+            path = a.root / "decision.json"
+            if not path.exists():
+                ap.error(f"{path} is missing: decide on the design cells first (the decide command), or name --default")
+            dflt = json.loads(path.read_text())
+        elif a.default not in CANDIDATES + PEERS:
             ap.error(f"--default must be an arm of the study ({', '.join(CANDIDATES + PEERS)}), got {a.default!r}")
-        d = confirm(a.root, cells, a.default)
+        else:
+            dflt = a.default
+        d = confirm(a.root, cells, dflt)
         lines = ["# The default placement: confirmation", ""] + confirmation_lines(d)
         name = "confirmation"
     out = a.out or a.root

@@ -313,19 +313,38 @@ def lr_edge_lines(fam_dir: Path) -> list[str]:
                "their own)", ""] + (core or ["- none"]))
 
 
-def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False, tasks=None) -> dict:
+def status_line(runs: list[dict], picks: dict, done: int, planned: int | None,
+                cells: list[tuple[str, str]] | None, seeds: int) -> str:
+    """The report's status. With ``cells`` (``(task, arm label)`` of every planned budget arm),
+    complete only when each has ``seeds`` test runs at its picked rate, and the missing ones are
+    named; without, by the run count against ``planned``."""
+    partial = "; every number below is from the finished runs only"
+    if cells is None:
+        if planned is not None and done >= planned:
+            return f"complete: {done} runs"
+        return f"PARTIAL: {done} runs finished" + (f" of about {planned} planned" if planned else "") + partial
+    have = {(r["task"], r["arm"]): len(r["seeds"]) for r in budget_rows(runs, picks)}
+    missing = [f"{t} {a} ({have.get((t, a), 0)} of {seeds} seeds)" for t, a in cells if have.get((t, a), 0) < seeds]
+    if not missing:
+        return f"complete: all {len(cells)} planned budget arms have {seeds} seeds ({done} runs)"
+    return (f"PARTIAL: {len(cells) - len(missing)} of {len(cells)} planned budget arms finished ({done} runs); "
+            f"missing: {', '.join(missing)}" + partial)
+
+
+def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False, tasks=None,
+                 cells: list[tuple[str, str]] | None = None, seeds: int = 3) -> dict:
     """Write ``correlation.md``, ``budget.md``, ``report.json`` and the plot; returns the report.
-    ``planned`` is the run count of the plan for ``tasks`` (all tasks when None): only those tasks'
-    runs count towards it in the status line, while every finished run is reported."""
+    ``planned`` is the run count of the plan for ``tasks`` (all tasks when None), ``cells`` its
+    budget arms (:func:`status_line`); every finished run is reported either way."""
     fam_dir = Path(fam_dir)
     family = fam_dir.name
     runs = load_runs(fam_dir)
     preds = {p.stem.split("_", 1)[1]: json.loads(p.read_text()) for p in sorted(fam_dir.glob("predictors_*.json"))}
     vanilla = next((8 * sum(m["in"] + m["out"] for m in p["modules"].values()) for p in preds.values()), None)
     done = sum((r["phase"] == "test" or r["phase"] == "val") and (tasks is None or r["task"] in tasks) for r in runs)
-    status = (f"complete: {done} runs" if planned is not None and done >= planned else
-              f"PARTIAL: {done} runs finished" + (f" of about {planned} planned" if planned else "")
-              + "; every number below is from the finished runs only")
+    picks_path = fam_dir / "lr_picks.json"
+    picks = json.loads(picks_path.read_text()) if picks_path.exists() else {}
+    status = status_line(runs, picks, done, planned, cells, seeds)
     head = [f"# Placement study, {family}{' (smoke: a tiny random Llama, numbers mean nothing)' if smoke else ''}", "",
             f"Status: {status}.", ""]
     write_atomic((fam_dir / "probe.md"), "\n".join([
@@ -341,8 +360,7 @@ def write_report(fam_dir: Path, planned: int | None = None, smoke: bool = False,
                     "Held-out loss drop: mean over the test items of base minus adapted loss, its CI a bootstrap over "
                     "the items; metric gain: the adapted model's task metric minus the base model's, same items.", ""]
         + core_module_lines(family, crow) + [""] + lr_edge_lines(fam_dir)) + "\n")
-    picks_path = fam_dir / "lr_picks.json"
-    brows = budget_rows(runs, json.loads(picks_path.read_text()) if picks_path.exists() else {})
+    brows = budget_rows(runs, picks)
     write_atomic((fam_dir / "budget.md"), "\n".join(head + [
         "Equal budgets (arm@fraction of vanilla LoRA r=8) and references; Δ = arm minus the other, paired on "
         "seeds and items (bootstrap over seeds, then items).", ""] + budget_table(family, brows, vanilla)) + "\n")

@@ -806,9 +806,7 @@ def stage_budget(ctx: Ctx, decisions: dict) -> None:
     """Every arm that fits each budget, and the references: rate per arm, then every seed."""
     cfg = ctx.cfg
     vanilla = vanilla_params(ctx.pred)
-    arms = [(f"{a}@{b:g}", budget_arm(a, ctx.pred, int(b * vanilla), decisions))
-            for b in cfg.budgets for a in BUDGET_ARMS if a in cfg.budget_arms]
-    arms += [(a, budget_arm(a, ctx.pred, vanilla, decisions)) for a in REFERENCE_ARMS if a in cfg.budget_arms]
+    arms = budget_plans(cfg, ctx.pred, decisions)
     for seed in cfg.budget_seeds:  # the base model's metric on each seed's items (its loss is seed-free)
         one_run(ctx, "core", "base", {}, 0.0, seed, "test")
     picks = json.loads((cfg.dir / "lr_picks.json").read_text()) if (cfg.dir / "lr_picks.json").exists() else {}
@@ -857,6 +855,36 @@ def measure(base, render: Render, data: dict, cfg: Cfg, log) -> dict:
 
 
 # ------------------------------------------------------------------------------- plan
+def budget_plans(cfg: Cfg, pred: dict, decisions: dict | None) -> list[tuple[str, dict | str]]:
+    """``(label, plan)`` of each budget arm and reference of ``cfg``: ``{module: rank}``, or why the
+    arm has no plan at that budget. Before ``--stage budget`` has computed them (``decisions``
+    None), a data-driven plan is ``{"?": k}``, k the rank-8 modules of mean size the budget buys."""
+    vanilla = vanilla_params(pred)
+    mean_unit = vanilla / len(pred["modules"])
+    out = [(f"{a}@{b:g}", budget_arm(a, pred, int(b * vanilla), decisions)
+            if decisions or a not in ("page_budget", "eva", "kappatune") + STRATEGY_ARMS
+            else {"?": max(1, int(b * vanilla // mean_unit))}) for b in cfg.budgets for a in BUDGET_ARMS
+           if a in cfg.budget_arms]
+    return out + [(a, budget_arm(a, pred, vanilla, decisions)) for a in REFERENCE_ARMS if a in cfg.budget_arms]
+
+
+def planned_cells(cfg: Cfg) -> list[tuple[str, str]]:
+    """``(task, arm label)`` of every budget arm of ``cfg`` that has a plan (the report's checklist)."""
+    out = []
+    for task in cfg.budget_tasks:
+        if task not in cfg.tasks:
+            continue
+        pred = json.loads((cfg.dir / f"predictors_{task}.json").read_text())
+        decisions = None
+        df, sf = cfg.dir / f"decisions_{task}.json", cfg.dir / f"strategies_{task}.json"
+        if df.exists():
+            decisions = {**json.loads(df.read_text()), **(json.loads(sf.read_text()) if sf.exists() else {})}
+        for label, plan in budget_plans(cfg, pred, decisions if decisions and "strategies" in decisions else None):
+            if isinstance(plan, dict):
+                out.append((task, label))
+    return out
+
+
 def plan_runs(cfg: Cfg) -> list[dict]:
     """Every run the core and budget stages would make (edge extensions aside), with the number
     of adapted modules; from the committed predictors and decisions where they exist."""
@@ -884,17 +912,8 @@ def plan_runs(cfg: Cfg) -> list[dict]:
             decisions = {**decisions, **json.loads(sf.read_text())}
         elif decisions is not None:  # strategy arms planned later: counted like the other data-driven ones
             decisions = None
-        vanilla = vanilla_params(pred)
-        # before --stage budget has computed them, a data-driven plan is counted as the number of
-        # rank-8 modules of mean size the budget buys
-        mean_unit = vanilla / len(mods)
-        arms = [budget_arm(a, pred, int(b * vanilla), decisions)
-                if decisions or a not in ("page_budget", "eva", "kappatune") + STRATEGY_ARMS
-                else {"?": max(1, int(b * vanilla // mean_unit))} for b in cfg.budgets for a in BUDGET_ARMS
-                if a in cfg.budget_arms]
-        arms += [budget_arm(a, pred, vanilla, decisions) for a in REFERENCE_ARMS if a in cfg.budget_arms]
-        core_budget = int(cfg.core_budget * vanilla)
-        for ranks in arms:
+        core_budget = int(cfg.core_budget * vanilla_params(pred))
+        for _, ranks in budget_plans(cfg, pred, decisions):
             if isinstance(ranks, dict):
                 k = ranks.get("?", len(ranks))
                 # a single module at the core budget takes its type's core rate (no grid), if the
@@ -1067,10 +1086,11 @@ def main(argv=None) -> None:
             run_stages(c, stages)
         if "report" in stages:
             try:
-                planned = len(plan_runs(c))
+                planned, cells = len(plan_runs(c)), planned_cells(c)
             except FileNotFoundError:
-                planned = None
-            placement_report.write_report(c.dir, planned=planned, smoke=c.smoke, tasks=c.tasks)
+                planned, cells = None, None
+            placement_report.write_report(c.dir, planned=planned, smoke=c.smoke, tasks=c.tasks, cells=cells,
+                                          seeds=len(c.budget_seeds))
     if "report" in stages and not plan:
         placement_report.combine(cfg.out)
 
