@@ -180,8 +180,8 @@ def _stop_kwargs(args: argparse.Namespace, strategy: str) -> dict:
     from .probe.stopping import StopRule
 
     if getattr(args, "budget", None) is not None or getattr(args, "top_p", None) is not None or strategy != "page":
-        raise ValueError("--stable stops when the top-k modules by PAGE are stable; use it with --top-k (or none) and "
-                         "--strategy page, not with --budget, --top-p or another strategy")
+        raise ValueError("--stable stops when the top-k modules by PAGE are stable; use it with `domlora probe`, or "
+                         "with `domlora apply --top-k K` (PAGE's rule), not with --budget, --top-p or another strategy")
     return {"stop": StopRule(top_k=getattr(args, "top_k", None) or 1, level=args.stable)}
 
 
@@ -322,10 +322,13 @@ def _dry_run_on_model(args: argparse.Namespace, alpha: float):
 def cmd_apply(args: argparse.Namespace) -> int:
     from .distributed import rank_and_world
     from .placement import apply_domlora
-    from .placement.strategies import EVIDENCE, describe
+    from .placement.strategies import EVIDENCE, EVIDENCE_UNITS, describe, resolve
 
     if args.variant == "adalora" and args.total_step is None:
         raise ValueError("--variant adalora needs --total-step (the number of training steps AdaLoRA schedules over)")
+    # the default strategy and its budget, as domlora_config resolves them, named from here on
+    args.strategy, args.budget = resolve(args.strategy, args.top_k, args.top_p, args.rank_pattern, args.variant,
+                                         args.budget)
     # probe with the adapter's own alpha and scaling rule: the report's PAGE is then the adapter's first ||lora_B.grad||^2
     alpha = DEFAULT_ADAPTER_ALPHA if args.lora_alpha is None else args.lora_alpha
     _check_out_dir(args.out_dir, "--out-dir")
@@ -338,7 +341,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(conf.sentence())
     print(describe(args.strategy))
     pm = apply_domlora(model, scores, verbose=True, **_placement_kwargs(args, alpha))
-    print(f"evidence: {EVIDENCE[args.strategy]}")
+    print(f"evidence ({EVIDENCE_UNITS}): {EVIDENCE[args.strategy]}")
     out = Path(args.out_dir)
     pm.save_pretrained(out)
     scores.to_json(out / "page_scores.json")
@@ -381,19 +384,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_confidence_args(p)
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("apply", help="probe, then save a peft adapter on the top-PAGE module(s), lora_A set to the probe's A")
+    p = sub.add_parser("apply", help="probe, then save a peft adapter where the placement strategy says, lora_A set to "
+                                     "the probe's A")
     add_probe_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--top-k", type=_positive(int), default=None, help="adapt the K highest-PAGE modules (default 1)")
+    g.add_argument("--top-k", type=_positive(int), default=None, help="adapt the K highest-PAGE modules (strategy page)")
     g.add_argument("--budget", type=_budget, default=None,
                    help="trainable parameters: a count (20000), a fraction (0.01) or a percentage (1%%) of vanilla LoRA "
-                        "on all probed modules at --rank; modules by PAGE per parameter, ranks up to --rank")
+                        "on all probed modules at --rank, filled by --strategy (default 5%%)")
     g.add_argument("--top-p", type=float, default=None, help="like --budget, until the adapters carry this fraction of the PAGE mass")
     p.add_argument("--variant", choices=("lora", "dora", "rslora", "adalora"), default="lora")
-    p.add_argument("--strategy", choices=STRATEGIES, default="page",
-                   help="what ranks the modules (default page, the paper's rule): adam, types and heldout measure with "
-                        "the gradient estimator; pilot trains a 30-step rank-1 LoRA on every module first; plop, types: "
-                        "whole module types, with --budget (docs/placement_protocol.md)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None,
+                   help="where the adapters go (default: plop+types within --budget, 5%% of vanilla LoRA unless given; "
+                        "page, the paper's rule, with --top-k, --top-p or --rank-pattern): plop+types is PLoP's v/o/down "
+                        "types where the budget buys them at rank 1 on every layer, whole types by Adam's first-step "
+                        "gain below; adam, types, heldout and plop+types measure with the gradient estimator; pilot "
+                        "trains a 30-step rank-1 LoRA on every module first (docs/placement_protocol.md)")
     p.add_argument("--rank-pattern", choices=("page",), default=None, help="page: ranks proportional to PAGE over the top-k")
     p.add_argument("--total-step", type=_positive(int), default=None, help="training steps (required by --variant adalora)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT.parent / "adapter", help="adapter folder (default: domlora_out/adapter)")

@@ -119,7 +119,8 @@ def test_apply_with_a_budget_prints_and_saves_the_plan(tiny_folder, tmp_path, ca
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--budget", "10"], "buys no adapter: rank 1 of the densest module"),
+    (["--budget", "10", "--strategy", "page"], "buys no adapter: rank 1 of the densest module"),
+    (["--budget", "10"], "buys no adapter by strategy 'plop+types'"),
     (["--budget", "2"], "buys no adapter"),
     (["--budget", "150%"], "fractional budget must be in (0, 1]"),
     (["--budget", "1%", "--rank-pattern", "page"], "drop rank_pattern"),

@@ -144,7 +144,7 @@ def test_apply_arguments_checked_before_loading(folders, tmp_path, capsys, no_lo
 
 @pytest.mark.parametrize("args,message", [
     (["--top-k", "999"], "top_k must be an integer between 1 and 14, got 999"),
-    (["--budget", "10"], "buys no adapter: rank 1 of the densest module"),
+    (["--budget", "10", "--strategy", "page"], "buys no adapter: rank 1 of the densest module"),
 ])
 def test_apply_arguments_the_model_decides_checked_before_the_probe(folders, tmp_path, capsys, no_probe, args, message):
     assert main(["apply", *_common(folders), *args, "--out-dir", str(tmp_path / "a")]) == 2

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from domlora_kernels.cli import main
-from domlora_kernels.placement.strategies import EVIDENCE, STRATEGIES
+from domlora_kernels.placement.strategies import EVIDENCE, EVIDENCE_UNITS, STRATEGIES
 
 pytest.importorskip("peft")
 
@@ -28,7 +28,7 @@ def test_apply_with_each_strategy(folder, tmp_path, capsys, strategy):
             "--resamples", "20", "--rank", "4", "--budget", "40%", "--strategy", strategy, "--out-dir", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert f"strategy {strategy!r}" in text and f"evidence: {EVIDENCE[strategy]}" in text
+    assert f"strategy {strategy!r}" in text and f"evidence ({EVIDENCE_UNITS}): {EVIDENCE[strategy]}" in text
     placement = json.loads((out / "domlora_placement.json").read_text())
     assert placement["strategy"] == strategy and placement["trainable_params"] <= placement["budget"]
     if strategy in ("adam", "types", "heldout"):
@@ -61,9 +61,29 @@ def test_probe_stops_when_the_top_module_is_stable(folder, tmp_path, capsys):
     assert meta["stop_rule"]["level"] == 0.5 and len(meta["stability_trace"]) == meta["num_batches"]
 
 
-@pytest.mark.parametrize("extra, message", [(["--stable", "1.5"], "StopRule.level"),
+@pytest.mark.parametrize("extra, message", [(["--stable", "1.5", "--top-k", "1"], "StopRule.level"),
+                                            (["--stable", "0.9"], "--stable stops when"),
                                             (["--stable", "0.9", "--budget", "5%"], "--stable stops when")])
 def test_stable_is_checked_before_the_model_loads(folder, capsys, extra, message):
     _, data = folder
     assert main(["apply", "--model", "/nonexistent/model", "--data", str(data), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_apply_without_a_strategy_places_by_the_default_within_five_percent(folder, tmp_path, capsys):
+    from domlora_kernels.placement.strategies import DEFAULT_STRATEGY
+
+    model, data = folder
+    out = tmp_path / "adapter"
+    assert main(["apply", "--model", str(model), "--data", str(data), "--batch-size", "3", "--no-progress",
+                 "--resamples", "20", "--rank", "4", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    placement = json.loads((out / "domlora_placement.json").read_text())
+    assert placement["strategy"] == DEFAULT_STRATEGY and f"strategy {DEFAULT_STRATEGY!r}" in text
+    assert EVIDENCE[DEFAULT_STRATEGY] in text
+    from domlora_kernels import PageScores
+    from domlora_kernels.placement.budget import budget_params, vanilla_lora_params
+
+    scores = PageScores.from_json(out / "page_scores.json")
+    assert placement["budget"] == budget_params("5%", vanilla_lora_params(scores, 4))
+    assert placement["trainable_params"] <= placement["budget"]

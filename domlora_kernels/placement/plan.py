@@ -34,7 +34,7 @@ from typing import Any
 
 from ..scores import PageScores
 from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, rank_unit, vanilla_lora_params
-from .strategies import check_strategy, plan_strategy, signal_values, top_by_signal
+from .strategies import SIGNAL_OF, plan_strategy, resolve, signal_values, top_by_signal
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")
 
@@ -64,7 +64,7 @@ class Placement:
             ``(adapter_scaling / probe_scaling) ** 2`` (1 when both use the same alpha).
         rule: how the targets were chosen: "top-k", "budget" or "top-p" (:mod:`~domlora_kernels.placement.budget`).
         strategy: what the modules were ranked by (:mod:`~domlora_kernels.placement.strategies`):
-            "page" (PAGE, the paper's rule), "adam", "heldout", "pilot", "types" or "plop".
+            "page" (PAGE, the paper's rule), "adam", "heldout", "pilot", "types", "plop" or "plop+types".
         budget: the parameter budget of a "budget" plan; top_p: the PAGE mass of a "top-p" plan.
         alphas: name -> alpha of the targets whose rank differs from ``r`` in a budget plan
             (their ``alpha_pattern``: it keeps their scaling at the base one).
@@ -326,7 +326,7 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
     if plan.variant == "adalora":
         raise ValueError("variant 'adalora' allocates its ranks itself during training; use strategy 'page' with top_k")
     if budget is None:
-        if s in ("types", "plop"):
+        if s in ("types", "plop", "plop+types"):
             raise ValueError(f"strategy {s!r} spreads a budget over every layer of its module types; give budget= "
                              f"(e.g. '1%'), not top_k")
         plan.targets = top_by_signal(scores, s, candidates, _check_int(1 if top_k is None else top_k, "top_k", 1,
@@ -340,7 +340,11 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
     if not ranks:
         raise ValueError(f"a budget of {params:,} parameters buys no adapter by strategy {s!r} (see "
                          f"domlora_kernels.placement.strategies for its rule); raise the budget or choose another strategy")
-    values = {n: 0.0 for n in ranks} if s == "plop" else signal_values(scores, s)
+    # the order of the targets: by the strategy's signal where it has one and the scores carry it
+    # (plop+types reads its signal only below PLoP's threshold, so it may be absent above)
+    key = SIGNAL_OF.get(s)
+    has = key is not None and (key == "page" or key in scores.signals)
+    values = signal_values(scores, s) if has else {n: 0.0 for n in ranks}
     plan.targets = sorted(ranks, key=lambda n: -values[n])  # highest value first; model order on ties
     plan.ranks = {n: ranks[n] for n in plan.targets}
     plan.alphas = {n: kept_scaling_alpha(plan.lora_alpha, plan.r, k, plan.use_rslora)
@@ -350,10 +354,10 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
 
 
 def make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p, config, peft_kwargs,
-              strategy="page") -> Plan:
+              strategy=None) -> Plan:
     """Validate the arguments once and choose the targets, their ranks and, for budget plans, alphas."""
     _check_scores(scores)
-    strategy = check_strategy(strategy)
+    strategy, budget = resolve(strategy, top_k, top_p, rank_pattern, variant, budget)
     if config is not None:
         r, lora_alpha, variant, rslora = _settings_from_config(config, r, lora_alpha, variant, peft_kwargs)
         candidates, init = _config_candidates(scores, config), config.init_lora_weights

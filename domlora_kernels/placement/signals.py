@@ -1,6 +1,6 @@
 """Measuring what a placement strategy ranks by: :func:`measure_signals`.
 
-``"page"`` is one probe; ``"adam"`` and ``"types"`` one probe with the gradient estimator
+``"page"`` is one probe; ``"adam"``, ``"types"`` and ``"plop+types"`` one probe with the gradient estimator
 (its mean projected gradient gives Adam's first-step decrease, exactly, with no weight
 gradient formed); ``"heldout"`` one such probe on each half of the calibration set;
 ``"pilot"`` a probe for the module list, then :func:`pilot_signal`, a short all-module LoRA
@@ -25,7 +25,7 @@ from ..probe.frozen import frozen_eval
 from ..probe.losses import causal_lm_losses, default_labels
 from ..scores import PageScores
 from .plan import exact_names_regex
-from .strategies import STRATEGIES, check_strategy
+from .strategies import DEFAULT_STRATEGY, STRATEGIES, check_strategy
 
 PILOT_DEFAULTS = {"steps": 30, "rank": 1, "lr": 1e-2}
 
@@ -169,7 +169,7 @@ def _realised(pm, layers: dict[str, nn.Module], batches: list, device: torch.dev
     return {n.removeprefix("base_model.model."): math.sqrt(v / max(tokens, 1)) for n, v in sums.items()}
 
 
-def measure_signals(model: nn.Module, batches: Iterable[Mapping[str, Any]], strategy: str = "page", *,
+def measure_signals(model: nn.Module, batches: Iterable[Mapping[str, Any]], strategy: str | None = None, *,
                     rank: int = 8, seed: int = 0, lora_alpha: float | None = None,
                     target_modules: Any = "all-linear", exclude_modules: Any = None, progress: bool = True,
                     pilot: Mapping[str, Any] | None = None, **probe_kwargs: Any) -> PageScores:
@@ -177,7 +177,8 @@ def measure_signals(model: nn.Module, batches: Iterable[Mapping[str, Any]], stra
 
     Args:
         model, batches: as for :func:`~domlora_kernels.page_scores`.
-        strategy: one of :data:`~domlora_kernels.placement.strategies.STRATEGIES`.
+        strategy: one of :data:`~domlora_kernels.placement.strategies.STRATEGIES`; None (the
+            default): :data:`~domlora_kernels.placement.strategies.DEFAULT_STRATEGY`.
         rank, seed, lora_alpha, target_modules, exclude_modules, progress, **probe_kwargs: the
             probe's arguments.
         pilot: the pilot's settings (``steps``, ``rank``, ``lr``), strategy "pilot" only;
@@ -186,12 +187,12 @@ def measure_signals(model: nn.Module, batches: Iterable[Mapping[str, Any]], stra
     Returns:
         The probe's scores, with ``signals`` holding what the strategy ranks by.
     """
-    check_strategy(strategy)
+    strategy = DEFAULT_STRATEGY if strategy is None else check_strategy(strategy)
     if pilot is not None and strategy != "pilot":
         raise ValueError(f"pilot settings are for strategy 'pilot', not {strategy!r}; drop pilot=")
     common = dict(rank=rank, seed=seed, lora_alpha=lora_alpha, target_modules=target_modules,
                   exclude_modules=exclude_modules, progress=progress, **probe_kwargs)
-    if strategy in ("adam", "types"):
+    if strategy in ("adam", "types", "plop+types"):
         return page_scores(model, batches, estimator="gradient", **common)
     if strategy == "heldout":
         train, held = split_halves(batches)

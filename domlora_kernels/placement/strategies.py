@@ -29,6 +29,8 @@ types at a low, uniform rank:
 - ``"plop"``: PLoP's types, the modules that write to the residual stream through values and
   the MLP (``v_proj``, ``o_proj``, ``down_proj``), on every layer at the largest uniform rank
   the budget buys (data-free).
+- ``"plop+types"``: ``"plop"`` where the budget buys PLoP's types at rank 1 on every layer,
+  ``"types"`` below that (its signal is needed only there).
 
 Cost of each strategy, in probes (one forward and one backward over the calibration set) and
 in training steps of the user's adapter, is :data:`COSTS`; ``benchmarks/bench_probe.py``
@@ -37,20 +39,41 @@ measures them.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
 
 from ..scores import PageScores
 from .budget import rank_unit
 
-STRATEGIES = ("page", "adam", "heldout", "pilot", "types", "plop")
+STRATEGIES = ("page", "adam", "heldout", "pilot", "types", "plop", "plop+types")
 
 # The signal each strategy ranks modules by (a key of PageScores.signals; "page" is PAGE itself).
-SIGNAL_OF = {"page": "page", "adam": "adam", "heldout": "heldout", "pilot": "pilot", "types": "adam"}
+SIGNAL_OF = {"page": "page", "adam": "adam", "heldout": "heldout", "pilot": "pilot", "types": "adam",
+             "plop+types": "adam"}
 
 # PLoP's types: value, output and MLP down projections (Llama, Qwen, Gemma, Mistral names).
 PLOP_TYPES = ("v_proj", "o_proj", "down_proj")
+
+
+# The package's default placement (docs/placement_protocol.md has how it was chosen), and the
+# budget it fills when none is given: 5% of vanilla LoRA at rank r on every probed module.
+DEFAULT_STRATEGY = "plop+types"
+DEFAULT_BUDGET = "5%"
+
+
+def resolve(strategy: str | None, top_k: Any, top_p: Any, rank_pattern: Any, variant: Any, budget: Any):
+    """``(strategy, budget)`` as used: ``strategy=None`` is PAGE's rule where the selection is
+    PAGE's (``top_k``, ``top_p``, ``rank_pattern``, or AdaLoRA, which ranks by PAGE's top-k), else
+    :data:`DEFAULT_STRATEGY` at ``budget`` (:data:`DEFAULT_BUDGET` when none is given)."""
+    if strategy is not None:
+        return check_strategy(strategy), budget
+    if top_k is not None or top_p is not None or rank_pattern is not None or variant == "adalora":
+        return "page", budget
+    return DEFAULT_STRATEGY, DEFAULT_BUDGET if budget is None else budget
 
 
 @dataclass(frozen=True)
@@ -70,27 +93,16 @@ COSTS = {
     "pilot": Cost(0, 30, "a pilot: all-module LoRA at rank 1, 30 steps, then one forward to score it"),
     "types": Cost(1, 0, "one probe (gradient estimator), aggregated by type"),
     "plop": Cost(0, 0, "none: data-free"),
+    "plop+types": Cost(1, 0, "one probe (gradient estimator), whose signal is used below PLoP's threshold"),
 }
 
 
-# One line of evidence per strategy, printed by `domlora apply`: held-out loss drop on the placement
-# study's instruction task, paired 95% CIs (python/results/placement/FAMILY/budget.md).
-EVIDENCE = {
-    "page": "at 0.7% of vanilla LoRA on SmolLM2 instruction, PAGE's plan ties a random module (random - PAGE: "
-            "-0.024 [-0.082, 0.033]) and EVA's pick beats it by 0.227 [0.179, 0.280]; the paper's rule, kept for "
-            "reference (python/results/placement/smollm2/budget.md)",
-    "plop": "at 5% of vanilla LoRA on SmolLM2 instruction, PLoP's types beat PAGE's plan by 0.083 [0.055, 0.116] and "
-            "trail vanilla LoRA by 0.032 [0.003, 0.068] (python/results/placement/smollm2/budget.md)",
-    "adam": "at 0.7% on SmolLM2 instruction it learns no more than PAGE's plan (-0.018 [-0.053, 0.014]); at 5% "
-            "0.023 [-0.034, 0.070] (python/results/placement/smollm2/budget.md; design runs in progress)",
-    "heldout": "at 0.7% on SmolLM2 instruction it plans as adam and learns no more than PAGE's plan (-0.018 "
-               "[-0.053, 0.014]) (python/results/placement/smollm2/budget.md; design runs in progress)",
-    "pilot": "at 0.7% on SmolLM2 instruction it beats PAGE's plan by 0.053 [0.000, 0.104] and trails EVA's pick "
-             "(python/results/placement/smollm2/budget.md; design runs in progress)",
-    "types": "on SmolLM2 instruction it beats PAGE's plan by 0.203 [0.151, 0.259] at 0.7% and by 0.083 "
-             "[0.045, 0.119] at 5%, where it ties PLoP's types (python/results/placement/smollm2/budget.md; "
-             "design runs in progress)",
-}
+# One line of evidence per strategy, printed by `domlora apply`: the placement study's paired
+# differences of held-out loss drop, copied into the package from its committed results by
+# `python -m python.studies.placement.decide evidence` (a test checks the copy against them).
+_EVIDENCE_FILE = json.loads(files(__package__).joinpath("evidence.json").read_text())
+EVIDENCE_UNITS = _EVIDENCE_FILE["units"]
+EVIDENCE = {s: _EVIDENCE_FILE["strategies"].get(s, "not measured by the placement study") for s in STRATEGIES}
 
 
 def check_strategy(strategy: object) -> str:
@@ -117,7 +129,7 @@ def signal_values(scores: PageScores, strategy: str) -> dict[str, float]:
         }[key]
         have = ", ".join(sorted(scores.signals)) or "none"
         raise ValueError(f"strategy {strategy!r} needs the {key!r} signal, which these scores do not carry (they "
-                         f"carry: {have}); measure it with {how}")
+                         f"carry: {have}); measure it with {how}, or choose strategy='page' (PAGE, the paper's rule)")
     missing = [n for n in scores.scores if n not in got]
     if missing:
         raise ValueError(f"the {key!r} signal has no value for {len(missing)} probed module(s), e.g. {missing[0]}")
@@ -208,6 +220,10 @@ def plan_strategy(scores: PageScores, strategy: str, candidates: list[str], r: i
     check_strategy(strategy)
     if strategy == "plop":
         ranks = plan_plop(scores, candidates, r, budget, dora)
+    elif strategy == "plop+types":
+        has_plop = any(scores.modules[n].type in PLOP_TYPES for n in candidates)
+        ranks = (plan_plop(scores, candidates, r, budget, dora) if has_plop else {}) or plan_types(
+            scores, signal_values(scores, strategy), candidates, r, budget, dora)
     elif strategy == "types":
         ranks = plan_types(scores, signal_values(scores, strategy), candidates, r, budget, dora)
     else:

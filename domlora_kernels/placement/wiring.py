@@ -70,15 +70,21 @@ def domlora_config(
     budget: int | float | str | None = None,
     top_p: float | None = None,
     config: Any = None,
-    strategy: str = "page",
+    strategy: str | None = None,
     **peft_kwargs: Any,
 ):
-    """The peft config that puts adapters on the highest-PAGE modules, by exact full name.
+    """The peft config that puts adapters where a placement strategy says, by exact full name.
 
-    Choose the modules with one of ``top_k`` (default: 1, the dominant module), ``budget`` or
-    ``top_p``. A budget plan picks modules by PAGE per parameter, each at rank ``r`` except the
-    last one, which gets what is left; ``alpha_pattern`` keeps every module's scaling at the
-    base ``lora_alpha / r`` (``/ sqrt(r)`` for rsLoRA). The rule, and why: :mod:`domlora_kernels.budget`.
+    By default (no ``strategy``, ``top_k``, ``top_p`` or ``rank_pattern``) the package's
+    recommended strategy, ``"plop+types"``, fills ``budget`` (default ``"5%"`` of vanilla LoRA
+    at rank ``r`` on every probed module): PLoP's types (v/o/down on every layer, one uniform
+    rank) where the budget buys them, whole module types chosen by Adam's first-step gain below
+    (:mod:`domlora_kernels.placement.strategies`; the evidence: the README). ``top_k``,
+    ``top_p`` or ``rank_pattern`` without a strategy select by PAGE, the paper's rule
+    (``strategy="page"``): ``top_k=1`` is the dominant module. A PAGE budget plan picks modules
+    by PAGE per parameter, each at rank ``r`` except the last one, which gets what is left;
+    ``alpha_pattern`` keeps every module's scaling at the base ``lora_alpha / r`` (``/ sqrt(r)``
+    for rsLoRA).
 
     Args:
         scores: a probe result (:func:`~domlora_kernels.page_scores` or ``PageScores.from_json``).
@@ -86,7 +92,7 @@ def domlora_config(
             ``target_r``, the average rank AdaLoRA prunes towards; its starting rank ``init_r``
             defaults to ``ceil(1.5 r)`` (peft's own 12 for 8) unless given in ``peft_kwargs``.
         lora_alpha: LoRA alpha (default 16); scaling ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA).
-        top_k: how many modules to adapt, highest PAGE first (default 1, the dominant module).
+        top_k: how many modules to adapt, highest PAGE (or the strategy's signal) first.
         variant: "lora" (default, ``LoraConfig``), "dora" (``use_dora=True``), "rslora"
             (``use_rslora=True``) or "adalora" (``AdaLoraConfig``; requires ``total_step``).
         rank_pattern: with ``top_k``: None (every target gets ``r``), "page" (ranks proportional
@@ -105,9 +111,12 @@ def domlora_config(
             every probed module) and ``exclude_modules`` bound the choice, by peft's own matching. ``r``, ``lora_alpha``, ``variant`` and
             ``peft_kwargs`` then come from the config and must not be passed.
         strategy: what the modules are ranked by (:mod:`domlora_kernels.placement.strategies`):
-            "page" (PAGE, the paper's rule; the default), "adam", "heldout", "pilot" (each
-            needs its signal in ``scores``: :func:`~domlora_kernels.measure_signals`),
-            "types" or "plop" (these two spread a ``budget`` over whole module types).
+            None (the default: ``"plop+types"``, or ``"page"`` with ``top_k`` / ``top_p`` /
+            ``rank_pattern``), "page" (PAGE, the paper's rule), "adam", "heldout", "pilot" (each
+            needs its signal in ``scores``: :func:`~domlora_kernels.measure_signals`), "types",
+            "plop" or "plop+types" (these three spread a ``budget`` over whole module types;
+            "types", and "plop+types" below PLoP's threshold, need the "adam" signal: a probe
+            with ``estimator="gradient"``).
         **peft_kwargs: passed to the peft config (``lora_dropout``, ``bias``, ``total_step``,
             ``tinit``, ...). ``task_type`` defaults to "CAUSAL_LM".
 
@@ -122,8 +131,9 @@ def domlora_config(
             keyword DomLoRA sets itself.
 
     Example:
+        >>> cfg = domlora_config(scores)                                  # doctest: +SKIP
         >>> cfg = domlora_config(scores, r=8, lora_alpha=16, top_k=1)    # doctest: +SKIP
-        >>> cfg = domlora_config(scores, budget="1%")                     # doctest: +SKIP
+        >>> cfg = domlora_config(scores, budget="1%", strategy="page")   # doctest: +SKIP
         >>> cfg = domlora_config(scores, budget=20000, config=LoraConfig(init_lora_weights="eva", ...))  # doctest: +SKIP
         >>> model = peft.get_peft_model(model, cfg)                       # doctest: +SKIP
     """
@@ -140,7 +150,7 @@ def _plan_as_config(scores: Any, args: tuple, kwargs: dict[str, Any]) -> Plan:
         raise TypeError(f"apply_domlora(model, scores, ...) takes domlora_config's arguments after the model: {e}") from None
     names = ("r", "lora_alpha", "top_k", "variant", "rank_pattern", "budget", "top_p", "config")
     return make_plan(scores, *(given.get(n) for n in names), given.get("peft_kwargs", {}),
-                     given.get("strategy", "page"))
+                     given.get("strategy"))
 
 
 def adapted_layers(model: nn.Module, adapter_name: str) -> dict[str, nn.Module]:

@@ -1,9 +1,12 @@
 """From the probe into training: probe, place LoRA within a parameter budget, fine-tune with the
 Hugging Face Trainer, save the adapter, reload it with PeftModel.from_pretrained, and generate.
 
-1. Probe the model with PAGE on a few samples of the shipped calibration set.
+1. Probe the model on a few samples of the shipped calibration set, measuring what the
+   package's default placement strategy needs (measure_signals: one probe, gradient estimator).
 2. Place adapters with a budget (default 1% of vanilla LoRA's parameters on all linear
-   modules at rank 8): apply_domlora picks the modules and their ranks, lora_A = the probe's A.
+   modules at rank 8): apply_domlora's default strategy picks the modules and their ranks
+   (PLoP's v/o/down types where the budget buys them on every layer, whole module types by
+   Adam's first-step gain below), lora_A = the probe's A.
 3. Fine-tune them with transformers' Trainer on a small generated task (sums answered in one
    fixed format, loss on the assistant's tokens only), printing the held-out loss before and
    after training.
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from domlora_kernels import apply_domlora, page_scores, parse_budget
+from domlora_kernels import apply_domlora, measure_signals, parse_budget
 from domlora_kernels.data import collate, encode, has_chat_template, load_calibration, make_batches
 from domlora_kernels.models import load_model
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model, tok = load(args)
     calib = make_batches(load_calibration()[: args.probe_samples], tok, batch_size=4, max_length=args.max_length)
-    scores = page_scores(model, calib, rank=RANK, lora_alpha=ALPHA, progress=False)
+    scores = measure_signals(model, calib, rank=RANK, lora_alpha=ALPHA, progress=False)
     print(f"probe: {scores.num_samples} calibration samples, {len(scores.scores)} modules, dominant {scores.dominant_module}")
     pm = apply_domlora(model, scores, r=RANK, lora_alpha=ALPHA, budget=args.budget)
     train, held_out = sums_task(args.train_samples, args.seed), sums_task(args.eval_samples, args.seed + 1)

@@ -77,7 +77,7 @@ def test_real_top_p_plans_are_nested_and_reach_their_mass(smol_scores):
 def test_real_one_percent_plan_in_the_config(smol_scores):
     vanilla = vanilla_lora_params(smol_scores, 8)
     assert budget_params("1%", vanilla) == budget_params(0.01, vanilla) == vanilla // 100
-    cfg = domlora_config(smol_scores, budget="1%")
+    cfg = domlora_config(smol_scores, budget="1%", strategy="page")
     plan = plan_budget(smol_scores, list(smol_scores.scores), 8, budget=vanilla // 100)
     assert _cost(smol_scores, plan.ranks) <= vanilla // 100
     partial = {n: k for n, k in plan.ranks.items() if k != 8}
@@ -117,19 +117,19 @@ def test_budget_forms_and_errors():
             budget_params(bad, 1000)
     s = _synthetic({"a": 1.0, "b": 0.0}, {"a": (4, 4), "b": (4, 4)})
     with pytest.raises(ValueError, match="buys no adapter: rank 1 of the densest module, a, needs 8"):
-        domlora_config(s, budget=7)
+        domlora_config(s, budget=7, strategy="page")
     with pytest.raises(ValueError, match="give one of top_k"):
         domlora_config(s, budget=100, top_k=1)
     with pytest.raises(ValueError, match="top_p must be a number in"):
-        domlora_config(s, top_p=0)
+        domlora_config(s, top_p=0, strategy="page")
     with pytest.raises(ValueError, match="drop rank_pattern"):
-        domlora_config(s, budget=100, rank_pattern="page")
+        domlora_config(s, budget=100, rank_pattern="page", strategy="page")
     with pytest.raises(ValueError, match="allocates its ranks itself"):
-        domlora_config(s, budget=100, variant="adalora", total_step=10)
+        domlora_config(s, budget=100, variant="adalora", total_step=10, strategy="page")
     with pytest.raises(ValueError, match="zero PAGE"):
-        domlora_config(_synthetic({"a": 0.0}, {"a": (4, 4)}), budget=100)
-    assert domlora_config(s, budget=10**6).rank_pattern == {}  # a zero-PAGE module never enters a plan
-    assert domlora_config(s, budget=10**6).target_modules == "(?:a)"
+        domlora_config(_synthetic({"a": 0.0}, {"a": (4, 4)}), budget=100, strategy="page")
+    assert domlora_config(s, budget=10**6, strategy="page").rank_pattern == {}  # a zero-PAGE module never enters a plan
+    assert domlora_config(s, budget=10**6, strategy="page").target_modules == "(?:a)"
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_budget_adapter_keeps_the_scaling_and_the_count(tiny_probed, variant):
     model, scores = tiny_probed
     plans = (plan_budget(scores, list(scores.scores), 4, budget=b, dora=variant == "dora") for b in range(2000, 9000, 97))
     plan = next(p for p in plans if len(p.ranks) > 1 and min(p.ranks.values()) < 4)  # a cut rank: alpha_pattern at work
-    pm = apply_domlora(copy.deepcopy(model), scores, r=4, lora_alpha=8, variant=variant, budget=plan.budget, verbose=False)
+    pm = apply_domlora(copy.deepcopy(model), scores, r=4, lora_alpha=8, variant=variant, budget=plan.budget, verbose=False, strategy="page")
     placement = pm.domlora_placement
     assert placement.ranks == {n: plan.ranks[n] for n in placement.targets} and placement.budget == plan.budget
     assert placement.trainable_params == plan.params <= plan.budget
@@ -160,7 +160,7 @@ def test_apply_one_percent_on_the_real_model(smol_scores, capsys):
     from domlora_kernels.models import load_model
 
     model, _ = load_model()
-    pm = apply_domlora(model, smol_scores, budget="1%")
+    pm = apply_domlora(model, smol_scores, budget="1%", strategy="page")
     placement = pm.domlora_placement
     plan = plan_budget(smol_scores, list(smol_scores.scores), 8, budget=vanilla_lora_params(smol_scores, 8) // 100)
     assert placement.trainable_params == plan.params <= placement.budget == 24422

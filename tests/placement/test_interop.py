@@ -56,7 +56,7 @@ def test_budget_rank_patterns_the_users_config(probed):
     allowed = _in_config(scores, {"q_proj", "v_proj", "down_proj"})
     plans = (plan_budget(scores, allowed, 4, budget=b) for b in range(800, 4000, 37))
     budget = next(p for p in plans if min(p.ranks.values()) < 4).budget  # a plan that cuts one module's rank
-    cfg = domlora_config(scores, budget=budget, config=user)
+    cfg = domlora_config(scores, budget=budget, config=user, strategy="page")
     assert user.to_dict() == before
     assert [n for n in scores.scores if peft.tuners.tuners_utils.check_target_module_exists(cfg, n)] == [
         n for n in allowed if n in plan_budget(scores, allowed, 4, budget=budget).ranks]

@@ -156,13 +156,13 @@ def test_adalora_needs_total_step_then_targets_exactly(probed):
 
 def test_config_per_variant(probed):
     _, scores = probed
-    lora = domlora_config(scores)
+    lora = domlora_config(scores, strategy="page")
     assert isinstance(lora, peft.LoraConfig) and not lora.use_dora and not lora.use_rslora
     assert lora.task_type == "CAUSAL_LM" and (lora.r, lora.lora_alpha) == (8, 16)
-    assert domlora_config(scores, variant="dora").use_dora
-    assert domlora_config(scores, variant="rslora").use_rslora
-    assert domlora_config(scores, task_type="SEQ_CLS").task_type == "SEQ_CLS"
-    assert domlora_config(scores, lora_dropout=0.1).lora_dropout == 0.1
+    assert domlora_config(scores, variant="dora", strategy="page").use_dora
+    assert domlora_config(scores, variant="rslora", strategy="page").use_rslora
+    assert domlora_config(scores, task_type="SEQ_CLS", strategy="page").task_type == "SEQ_CLS"
+    assert domlora_config(scores, lora_dropout=0.1, strategy="page").lora_dropout == 0.1
 
 
 class _Nested(nn.Module):
@@ -226,22 +226,22 @@ def test_rank_pattern_dict_and_bad_inputs(probed):
     with pytest.raises(ValueError, match="not among the top-2"):
         domlora_config(scores, top_k=2, rank_pattern={"nope": 3})
     with pytest.raises(ValueError, match="rank_pattern must be None, 'page'"):
-        domlora_config(scores, rank_pattern="uniform")
+        domlora_config(scores, rank_pattern="uniform", strategy="page")
     with pytest.raises(ValueError, match=r"top_k must be an integer between 1 and 14"):
         domlora_config(scores, top_k=0)
     with pytest.raises(ValueError, match=r"between 1 and 14"):
         domlora_config(scores, top_k=15)
     with pytest.raises(ValueError, match="unknown variant 'qlora'"):
-        domlora_config(scores, variant="qlora")
+        domlora_config(scores, variant="qlora", strategy="page")
     with pytest.raises(ValueError, match="target_modules is set by DomLoRA"):
-        domlora_config(scores, target_modules=["q_proj"])
+        domlora_config(scores, target_modules=["q_proj"], strategy="page")
     with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
-        domlora_config(scores, lora_alpha=0)
+        domlora_config(scores, lora_alpha=0, strategy="page")
     with pytest.raises(ValueError, match="does not match this model"):
-        apply_domlora(nn.Linear(4, 4), scores, verbose=False)
-    pm = apply_domlora(copy.deepcopy(model), scores, verbose=False)
+        apply_domlora(nn.Linear(4, 4), scores, verbose=False, strategy="page")
+    pm = apply_domlora(copy.deepcopy(model), scores, verbose=False, strategy="page")
     with pytest.raises(ValueError, match="already carries peft adapters"):
-        apply_domlora(pm, scores, verbose=False)
+        apply_domlora(pm, scores, verbose=False, strategy="page")
 
 
 def test_apply_takes_exactly_domlora_configs_arguments(probed):
@@ -249,8 +249,8 @@ def test_apply_takes_exactly_domlora_configs_arguments(probed):
 
     model, scores = probed
     kwargs = dict(r=4, lora_alpha=8, top_k=3, rank_pattern="page", lora_dropout=0.0)
-    pm = apply_domlora(copy.deepcopy(model), scores, verbose=False, **kwargs)
-    want = domlora_config(scores, **kwargs)
+    pm = apply_domlora(copy.deepcopy(model), scores, verbose=False, **kwargs, strategy="page")
+    want = domlora_config(scores, **kwargs, strategy="page")
     got = pm.peft_config["default"]
     assert (got.target_modules, got.rank_pattern, got.r, got.lora_alpha) == (
         want.target_modules, want.rank_pattern, want.r, want.lora_alpha)

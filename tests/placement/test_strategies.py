@@ -105,3 +105,46 @@ def test_a_signal_the_scores_lack_is_named_with_how_to_measure_it():
     with pytest.raises(ValueError, match="needs the 'pilot' signal.*measure_signals"):
         domlora_config(fisher, budget="10%", strategy="pilot")
     assert domlora_config(fisher, budget="50%", strategy="plop").target_modules  # data-free: no signal needed
+
+
+def test_plop_then_types_is_plop_where_it_fits_and_types_below(scores):
+    names = list(scores.scores)
+    vanilla = vanilla_lora_params(scores, 4)
+    for budget in (vanilla // 2, vanilla // 20, vanilla // 200):
+        plop = plan_strategy(scores, "plop", names, 4, budget)
+        want = plop or plan_strategy(scores, "types", names, 4, budget)
+        assert plan_strategy(scores, "plop+types", names, 4, budget) == want
+    assert plan_strategy(scores, "plop", names, 4, vanilla // 2)  # both regimes above are exercised
+    assert not plan_strategy(scores, "plop", names, 4, vanilla // 200)
+
+
+def test_plop_then_types_needs_the_signal_only_below_the_threshold():
+    model = tiny_model("llama")
+    fisher = measure_signals(model, _batches(), "page", rank=4, progress=False)  # no "adam" signal
+    cfg = domlora_config(fisher, r=4, budget=0.5, strategy="plop+types")
+    assert {re.sub(r".*\.", "", n) for n in re.findall(r"[\w.]+_proj", cfg.target_modules)} == {
+        "v_proj", "o_proj", "down_proj"}
+    with pytest.raises(ValueError, match="needs the 'adam' signal"):
+        domlora_config(fisher, r=4, budget=0.005, strategy="plop+types")
+
+
+def test_the_default_is_plop_then_types_at_five_percent_and_page_with_page_selections(scores):
+    from domlora_kernels.placement.strategies import DEFAULT_BUDGET, DEFAULT_STRATEGY, resolve
+
+    assert (DEFAULT_STRATEGY, DEFAULT_BUDGET) == ("plop+types", "5%")
+    assert resolve(None, None, None, None, "lora", None) == ("plop+types", "5%")
+    assert resolve(None, None, None, None, "lora", 0.01) == ("plop+types", 0.01)
+    assert resolve(None, 2, None, None, "lora", None) == ("page", None)
+    assert resolve(None, None, 0.5, None, "lora", None) == ("page", None)
+    assert resolve(None, None, None, "page", "lora", None) == ("page", None)
+    assert resolve(None, None, None, None, "adalora", None) == ("page", None)
+    assert resolve("types", None, None, None, "lora", None) == ("types", None)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        resolve("plop+eva", None, None, None, "lora", None)
+    model = tiny_model("llama")
+    pm = apply_domlora(copy.deepcopy(model), scores, r=4, verbose=False)
+    placed = pm.domlora_placement
+    want = plan_strategy(scores, "plop+types", list(scores.scores), 4, budget_params("5%", vanilla_lora_params(scores, 4)))
+    assert placed.strategy == "plop+types" and placed.ranks == want
+    assert domlora_config(scores, r=4, top_k=2).target_modules == domlora_config(scores, r=4, top_k=2,
+                                                                                 strategy="page").target_modules

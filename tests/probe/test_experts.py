@@ -403,7 +403,7 @@ def test_budget_counts_every_expert_and_ranks_expert_weights_without_peft_noise(
     assert vanilla_lora_params(scores, 4) == sum(4 * rank_unit(i) for i in scores.modules.values())
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # peft's "rank_pattern keys did not match" must not leak
-        pm = apply_domlora(copy.deepcopy(model), scores, r=4, lora_alpha=8, budget="40%", verbose=False)
+        pm = apply_domlora(copy.deepcopy(model), scores, r=4, lora_alpha=8, budget="40%", verbose=False, strategy="page")
     placement = pm.domlora_placement
     assert placement.trainable_params <= placement.budget
     layers = _placed_layers(pm)
@@ -419,7 +419,7 @@ def test_expert_weights_only_and_dora_refused_by_name():
     model = tiny_moe("mixtral")
     scores = page_scores(model, _batches(), rank=2, target_modules=["experts.down_proj"], progress=False)
     with pytest.raises(ValueError, match=r"variant 'dora' cannot adapt the expert weights \['model\.layers\.\d\.mlp\.experts\.down_proj'\]"):
-        domlora_config(scores, variant="dora")
+        domlora_config(scores, variant="dora", strategy="page")
     cfg = domlora_config(scores, top_k=2)
     assert not cfg.target_modules and sorted(cfg.target_parameters) == sorted(scores.scores)
     pm = apply_domlora(model, scores, top_k=2, verbose=False)  # no module adapted besides the two weights

@@ -100,3 +100,15 @@ def test_separation_needs_the_best_peer_clear_of_the_worst(tmp_path):
     with pytest.raises(SystemExit) as e:
         decide.main(["separation", "--cells", "b:t:0.007", "--root", str(tmp_path)])
     assert e.value.code == 3
+
+
+def test_the_package_evidence_is_the_committed_decisions():
+    from pathlib import Path
+
+    from domlora_kernels.placement.strategies import DEFAULT_STRATEGY, EVIDENCE
+
+    decision = json.loads(Path("python/results/placement/decision.json").read_text())
+    shipped = json.loads(decide.EVIDENCE_PATH.read_text())
+    assert shipped == decide.evidence(decision)  # regenerate: python -m python.studies.placement.decide evidence
+    assert DEFAULT_STRATEGY == shipped["default"] == decide.default_strategy(decision)
+    assert EVIDENCE[DEFAULT_STRATEGY] == shipped["strategies"][DEFAULT_STRATEGY]

@@ -112,6 +112,8 @@ def decide(root: Path, cells: list[Cell]) -> dict:
             raise ValueError(f"{c}: no peer arm has all {SEEDS} seeds; the decision needs them")
         table[str(c)] = {"best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
                          "margin": {a: report.paired_ci(drops[a], drops[bp]) for a in drops if a != "lora_all"},
+                         "vs_random": {a: report.paired_ci(drops[a], drops["random_module"]) for a in drops
+                                       if "random_module" in drops and a not in ("lora_all", "random_module")},
                          "plop_fits": "plop_vod" in drops}
     everywhere = [a for a in CANDIDATES if all(a in t["drop"] for t in table.values())]
     mean_margin = {a: float(np.mean([t["margin"][a][0] for t in table.values()])) for a in everywhere}
@@ -191,6 +193,57 @@ def separation(root: Path, cells: list[Cell]) -> dict:
     return out
 
 
+PEER_NAMES = {"plop_vod": "PLoP's types", "eva": "EVA", "kappatune": "KappaTune", "shallow_down": "the shallow down_proj",
+              "random_module": "a random module", "page_top1": "PAGE's top-1", "page_budget": "PAGE's plan"}
+
+
+def _fam(cell: str) -> str:
+    return cell.replace("smollm2", "SmolLM2").replace("gemma3", "Gemma 3").replace("qwen05", "Qwen2.5-0.5B")
+
+
+def arm_evidence(table: dict, arm) -> str:
+    """One line: the arm against the best peer and a random module in each cell of ``table`` (the
+    ``cells`` of :func:`decide`) where it ran. ``arm``: a name, or ``f(cell) -> name``."""
+    parts = []
+    for k, t in table.items():
+        a = arm(t) if callable(arm) else arm
+        if a not in t["margin"]:
+            continue
+        bp = t["best_peer"]
+        bits = [f"the best peer ({t['drop'][a]:.3f})" if bp == a else
+                f"{_ci(t['margin'][a])} against {PEER_NAMES[bp]}, the best peer"]
+        if a in t.get("vs_random", {}):
+            bits.append(f"{_ci(t['vs_random'][a])} against {PEER_NAMES['random_module']}")
+        parts.append(f"{_fam(k)}{' (' + a + ')' if callable(arm) else ''}: " + ", ".join(bits))
+    return "; ".join(parts)
+
+
+EVIDENCE_PATH = Path("domlora_kernels/placement/evidence.json")
+EVIDENCE_HEAD = "held-out loss drop, this strategy's minus the other's, paired 95% CI"
+
+
+def default_strategy(decision: dict) -> str:
+    """The package's name of the decided default: a strategy, or ``plop+SMALL`` for PLoP's types
+    where they fit and SMALL's plan below that."""
+    d = decision["default"]
+    if d["rule"] == "strategy":
+        return STRATEGY_OF[d["arm"]]
+    return f"plop+{STRATEGY_OF[d['small']] or d['small']}"
+
+
+def evidence(decision: dict) -> dict:
+    """What ``domlora apply`` prints as each strategy's evidence: its line of :func:`arm_evidence`
+    on the design cells (the default: its arm in each cell), with where it comes from."""
+    cells = decision["cells"]
+    lines = {STRATEGY_OF[a]: arm_evidence(cells, a) for a in CANDIDATES + ("plop_vod",)}
+    name = default_strategy(decision)
+    if "+" in name:
+        d = decision["default"]
+        lines[name] = arm_evidence(cells, lambda t: d["large"] if t["plop_fits"] else d["small"])
+    return {"default": name, "units": EVIDENCE_HEAD, "source": "python -m python.studies.placement.decide evidence "
+            "(python/results/placement/decision.json)", "strategies": lines}
+
+
 def _ci(t) -> str:
     return report._fmt(tuple(t))
 
@@ -240,13 +293,22 @@ def confirmation_lines(c: dict) -> list[str]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("decide", "confirm", "separation", "arm"))
-    ap.add_argument("--cells", required=True, help="comma-separated FAMILY:TASK:BUDGET")
+    ap.add_argument("what", choices=("decide", "confirm", "separation", "arm", "evidence"))
+    ap.add_argument("--cells", default="", help="comma-separated FAMILY:TASK:BUDGET (every command but evidence)")
     ap.add_argument("--default", help="confirm: an arm name (e.g. types); default: the committed decision.json")
     ap.add_argument("--root", type=Path, default=Path("python/results/placement"), help="the study's results")
     ap.add_argument("--out", type=Path, help="where decision/confirmation .md and .json go (default: --root)")
     a = ap.parse_args(argv)
     cells = [Cell.parse(x) for x in a.cells.split(",") if x]
+    if not cells and a.what != "evidence":
+        ap.error(f"{a.what} needs --cells (e.g. smollm2:instruction:0.007)")
+    if a.what == "evidence":  # the package's copy of the committed decision's evidence
+        path = a.root / "decision.json"
+        if not path.exists():
+            ap.error(f"{path} is missing: decide on the design cells first (the decide command)")
+        write_text_atomic(EVIDENCE_PATH, json.dumps(evidence(json.loads(path.read_text())), indent=1) + "\n")
+        print(f"wrote {EVIDENCE_PATH}")
+        return
     if a.what == "arm":  # the committed default's arm in each cell, one a line (for confirm.sh)
         path = a.root / "decision.json"
         if not path.exists():
