@@ -5,10 +5,10 @@
 #     bash python/studies/placement/confirm.sh smollm2 chat
 #     bash python/studies/placement/confirm.sh qwen05 instruction
 #
-# Order: the task's probe if missing; the decisions and the base model's runs; the peers and
-# vanilla LoRA, two queues in parallel; then, in each cell where the peers separate (best peer
-# clear of the worst: `decide separation`), the committed default's arm (`decide arm`, from
-# python/results/placement/decision.json); last the confirmation table (`decide confirm`).
+# Order: the task's probe if missing; the decisions and the base model's runs; then per cell
+# (0.7%, then 5%) the peers and vanilla LoRA, two queues in parallel, and, if the peers separate
+# (best peer clear of the worst: `decide separation`), the committed default's arm (`decide arm`,
+# from python/results/placement/decision.json); last the confirmation table (`decide confirm`).
 # The rate grids start at 3.16e-3 (single-module arms) and 1e-3 (wide arms) for every arm here;
 # a pick at a grid edge extends the grid either way. Extra arguments go to every study call.
 set -euo pipefail
@@ -35,25 +35,22 @@ both() {  # two commands (strings of the functions above) in parallel; fail if e
 
 [ -f "python/results/placement/$FAMILY/predictors_$TASK.json" ] || "$PY" "${STUDY[@]}" --stage probe --tasks "$TASK"
 budget --budget-arms=
-# the two queues have about equal work: the 0.7% cell first, so that a cut run has one whole cell
-QUEUE_A=(random_module:0.007 kappatune:0.007 page_budget:0.007 plop_vod:0.05 kappatune:0.05 random_module:0.05)
-QUEUE_B=(eva:0.007 shallow_down:0.007 lora_all:0.007 eva:0.05 shallow_down:0.05)
-both "queue ${QUEUE_A[*]}" "queue ${QUEUE_B[*]}"
+# One cell at a time, the 0.7% cell first (a run cut by the clock then has one whole cell): its
+# peers and vanilla LoRA in two queues of about equal work, then the default's arm if they separate.
+declare -A QUEUE_A=([0.007]="random_module kappatune page_budget" [0.05]="plop_vod kappatune random_module")
+declare -A QUEUE_B=([0.007]="eva shallow_down lora_all" [0.05]="eva shallow_down")
 cells=()
-defaults=()
 for b in "${BUDGETS[@]}"; do
     cell="$FAMILY:$TASK:$b"
     cells+=("$cell")
+    a=(${QUEUE_A[$b]}) && a=("${a[@]/%/:$b}")
+    c=(${QUEUE_B[$b]}) && c=("${c[@]/%/:$b}")
+    both "queue ${a[*]}" "queue ${c[*]}"
     if "$PY" "${DECIDE[@]}" separation --cells "$cell"; then
-        defaults+=("$("$PY" "${DECIDE[@]}" arm --cells "$cell"):$b")
+        queue "$("$PY" "${DECIDE[@]}" arm --cells "$cell"):$b"
     else
         echo "$cell: the peers tie, so the cell is no evidence; the default is not run there" >&2
     fi
 done
-if [ ${#defaults[@]} -eq 2 ]; then
-    both "queue ${defaults[0]}" "queue ${defaults[1]}"
-elif [ ${#defaults[@]} -eq 1 ]; then
-    queue "${defaults[0]}"
-fi
 "$PY" "${STUDY[@]}" --stage report --tasks "$TASK" --budget-tasks "$TASK"
 "$PY" "${DECIDE[@]}" confirm --cells "$(IFS=,; echo "${cells[*]}")" --out "python/results/placement/$FAMILY"
