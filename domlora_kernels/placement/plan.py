@@ -88,6 +88,8 @@ class Placement:
     alphas: dict[str, float] = field(default_factory=dict)
     strategy: str = "page"
 
+    SHOWN = 12  # summary() lists this many modules of a wider plan, after a count by type and rank
+
     @property
     def ratio(self) -> float:
         """``trainable_params / vanilla_lora_params``."""
@@ -108,11 +110,20 @@ class Placement:
         else:
             head = f"{adapters} on the top-{k} PAGE module{'s' if k > 1 else ''}"
         lines = [head]
-        for name in self.targets:
+        shown = self.targets if k <= self.SHOWN else self.targets[: self.SHOWN]
+        if k > self.SHOWN:  # a wide plan: what it holds by type and rank, then its first modules
+            counts: dict[tuple[str, int], int] = {}
+            for name in self.targets:
+                key = (name.rsplit(".", 1)[-1], self.ranks[name])
+                counts[key] = counts.get(key, 0) + 1
+            lines.append("  by type: " + ", ".join(f"{t} x{c} at rank {r}" for (t, r), c in sorted(counts.items())))
+        for name in shown:
             init = "probe A" if name in self.copied_A else "peft init"
             alpha = f" (alpha {self.alphas[name]:g}: same scaling)" if name in self.alphas else ""
             lines.append(f"  {name}: rank {self.ranks[name]}{alpha}, PAGE share {100 * self.shares[name]:.1f}%, "
                          f"lora_A from {init}")
+        if k > self.SHOWN:
+            lines.append(f"  ... and {k - self.SHOWN} more (to_dict() / domlora_placement.json list every one)")
         lines.append(
             f"trainable parameters: {self.trainable_params:,} = {100 * self.ratio:.2f}% of vanilla LoRA on all "
             f"{self.num_candidates} linear modules at r={self.r} ({self.vanilla_lora_params:,})"

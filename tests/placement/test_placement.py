@@ -120,6 +120,15 @@ def test_apply_copies_probe_A_and_counts_parameters(probed, capsys):
     assert pl.targets[0] in out
 
 
+def test_a_wide_plan_is_summarised_by_type_and_lists_its_first_modules(probed):
+    model, scores = probed
+    pl = apply_domlora(copy.deepcopy(model), scores, r=8, lora_alpha=16, top_k=14, verbose=False).domlora_placement
+    text = pl.summary()
+    assert "by type: " in text and "down_proj x2 at rank 8" in text
+    assert sum(name in text for name in pl.targets) == Placement.SHOWN
+    assert f"... and {14 - Placement.SHOWN} more" in text
+
+
 def test_dora_lands_on_targets_with_probe_A_and_keeps_the_output(probed):
     model, scores = probed
     pm = apply_domlora(copy.deepcopy(model), scores, r=8, lora_alpha=16, top_k=2, variant="dora", verbose=False)
