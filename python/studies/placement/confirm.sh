@@ -24,14 +24,7 @@ BUDGETS=(0.007 0.05)
 
 budget() { "$PY" "${STUDY[@]}" --stage budget --tasks "$TASK" --budget-tasks "$TASK" --lr-single 0.00316 --lr-multi 0.001 "$@"; }
 queue() { local e; for e in "$@"; do budget --budget-arms "${e%%:*}" --budgets "${e##*:}" || return; done; }
-both() {  # two commands (strings of the functions above) in parallel; fail if either fails
-    eval "$1" & local a=$!
-    eval "$2" & local b=$!
-    local rc=0
-    wait $a || rc=$?
-    wait $b || rc=$?
-    return $rc
-}
+source python/studies/placement/both.sh  # both "cmd1" "cmd2": the two in parallel
 
 [ -f "python/results/placement/$FAMILY/predictors_$TASK.json" ] || "$PY" "${STUDY[@]}" --stage probe --tasks "$TASK"
 budget --budget-arms=

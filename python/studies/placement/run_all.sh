@@ -55,14 +55,7 @@ queue() {  # one budget call per "arms:budgets" entry, in order
     done
 }
 squeue() { local e; for e in "$@"; do budget "${STRATEGY_LR[@]}" --budget-arms "${e%%:*}" --budgets "${e##*:}" || return; done; }
-both() {  # two commands (strings of the functions above) in parallel; fail if either fails
-    eval "$1" & local a=$!
-    eval "$2" & local b=$!
-    local rc=0
-    wait $a || rc=$?
-    wait $b || rc=$?
-    return $rc
-}
+source python/studies/placement/both.sh  # both "cmd1" "cmd2": the two in parallel
 
 "$PY" "${STUDY[@]}" --stage probe
 if [ "${CUT:-}" = 1 ]; then

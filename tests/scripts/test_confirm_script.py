@@ -1,0 +1,43 @@
+"""python/studies/placement/confirm.sh: the order of a confirmation, with a stand-in interpreter.
+
+The stand-in records every call and answers the two questions the script asks: whether a cell's
+peers separate (yes at 0.7%, no at 5% here) and which arm plays the default there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+  *"decide separation"*0.05*) exit 3 ;;
+  *"decide arm"*) echo types ;;
+esac
+exit 0
+"""
+
+
+def test_peers_first_then_the_default_only_where_they_separate(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    run = subprocess.run(["bash", "python/studies/placement/confirm.sh", "smollm2", "chat"], cwd=ROOT,
+                         env={**os.environ, "PYTHON": str(fake), "CALLS": str(calls)}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    arms = [(x.split("--budget-arms ")[1].split()[0], x.split("--budgets ")[1]) for x in lines if "--budget-arms " in x]
+    assert "--budget-arms=" in lines[0]  # decisions and the base model's runs first
+    small = {"random_module", "kappatune", "page_budget", "eva", "shallow_down", "lora_all"}
+    assert {a for a, b in arms[:6]} == small and {b for a, b in arms[:6]} == {"0.007"}
+    assert arms[6] == ("types", "0.007")  # the default's arm, after its cell's peers
+    assert {a for a, b in arms[7:]} == {"plop_vod", "kappatune", "random_module", "eva", "shallow_down"}
+    assert all(b == "0.05" for a, b in arms[7:])  # no default at 5%: its peers tie here
+    sep = [i for i, x in enumerate(lines) if "decide separation" in x]
+    assert len(sep) == 2 and "the peers tie" in run.stderr
+    assert "decide confirm --cells smollm2:chat:0.007,smollm2:chat:0.05" in lines[-1]
