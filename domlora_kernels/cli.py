@@ -70,7 +70,9 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=_positive(int), default=1,
                    help="probe N A draws at once (seeds SEED..SEED+N-1, one backward pass) for seed statistics")
     g.add_argument("--projection", choices=PROJECTIONS, default="A")
-    g.add_argument("--estimator", choices=ESTIMATORS, default="fisher")
+    g.add_argument("--estimator", choices=ESTIMATORS, default=None,
+                   help="fisher (the default: PAGE, the mean per-sample energy) or gradient (the mean gradient's energy); "
+                        "adam, types, heldout and plop+types always measure with gradient")
     g.add_argument("--lora-alpha", type=float, default=None, help="scaling alpha/rank as in peft (default: scaling 1)")
     g.add_argument("--target-modules", default="all-linear", help='"all-linear", a regex, or comma-separated names/suffixes')
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="ops backend (default auto: triton on CUDA tensors)")
@@ -169,7 +171,7 @@ def _check_probe_args(args: argparse.Namespace, lora_alpha: float | None) -> Non
     from .probe.candidates import check_selection
     from .probe.checks import validate
 
-    validate(args.rank, args.projection, args.estimator, args.backend, _seeds(args), lora_alpha, [], None)
+    validate(args.rank, args.projection, args.estimator or "fisher", args.backend, _seeds(args), lora_alpha, [], None)
     check_selection(_target(args.target_modules))
 
 
@@ -218,17 +220,17 @@ def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bo
                   seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend, use_rslora=use_rslora,
                   progress=not args.no_progress, **_stop_kwargs(args, strategy))
     if strategy in ("page", "plop"):
-        scores = page_scores(model, batches, estimator=args.estimator, **common)
+        scores = page_scores(model, batches, estimator=args.estimator or "fisher", **common)
     else:
         from .placement import measure_signals
 
         if world > 1 and strategy in ("heldout", "pilot"):
             raise ValueError(f"--strategy {strategy} runs in one process; run it without torchrun")
-        if strategy != "pilot" and args.estimator != "gradient":
+        if strategy != "pilot" and args.estimator not in (None, "gradient"):  # only a choice the user made
             print(f"note: --strategy {strategy} measures with the gradient estimator (its signal is the mean "
                   f"gradient's), not --estimator {args.estimator}", file=sys.stderr)
         if strategy == "pilot":
-            common["estimator"] = args.estimator
+            common["estimator"] = args.estimator or "fisher"
         scores = measure_signals(model, batches, strategy, **common)
     tasks = sorted({r.get("task", "user") for r in records})
     scores.meta.update({
@@ -303,7 +305,7 @@ def _dry_run_placement(args: argparse.Namespace, alpha: float, modules: dict | N
         modules = {f"m.{i}.v_proj": ModuleInfo(i, "v_proj", 1, 1) for i in range(max(args.top_k or 1, 1))}
         kwargs["budget"] = None if args.budget is None else 1.0
     uniform = {n: 1.0 for n in modules}
-    config = {"rank": args.rank, "projection": args.projection, "estimator": args.estimator, "seeds": [0]}
+    config = {"rank": args.rank, "projection": args.projection, "estimator": args.estimator or "fisher", "seeds": [0]}
     signals = {k: dict(uniform) for k in ("adam", "heldout", "pilot")}  # what the strategies will measure
     domlora_config(PageScores(uniform, {0: dict(uniform)}, None, modules, 1, config, signals=signals), **kwargs)
 
@@ -384,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_confidence_args(p)
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("apply", help="probe, then save a peft adapter where the placement strategy says, lora_A set to "
-                                     "the probe's A")
+    p = sub.add_parser("apply", help="probe, then save a peft adapter where the placement strategy says (lora_A set "
+                                     "to the probe's A where the ranks agree)")
     add_probe_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--top-k", type=_positive(int), default=None, help="adapt the K highest-PAGE modules (strategy page)")

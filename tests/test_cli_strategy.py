@@ -38,7 +38,7 @@ def test_apply_with_each_strategy(folder, tmp_path, capsys, strategy):
 def test_strategy_errors_come_before_the_model_loads(folder, capsys):
     model, data = folder
     assert main(["apply", "--model", str(model), "--data", str(data), "--strategy", "types", "--top-k", "2"]) == 2
-    assert "give budget=" in capsys.readouterr().err
+    assert "takes budget=" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["apply", "--strategy", "best"])
     assert "invalid choice: 'best'" in capsys.readouterr().err
@@ -77,7 +77,9 @@ def test_apply_without_a_strategy_places_by_the_default_within_five_percent(fold
     out = tmp_path / "adapter"
     assert main(["apply", "--model", str(model), "--data", str(data), "--batch-size", "3", "--no-progress",
                  "--resamples", "20", "--rank", "4", "--out-dir", str(out)]) == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "note:" not in captured.err  # no estimator was asked for, so none is overridden
     placement = json.loads((out / "domlora_placement.json").read_text())
     assert placement["strategy"] == DEFAULT_STRATEGY and f"strategy {DEFAULT_STRATEGY!r}" in text
     assert EVIDENCE[DEFAULT_STRATEGY] in text
@@ -87,3 +89,11 @@ def test_apply_without_a_strategy_places_by_the_default_within_five_percent(fold
     scores = PageScores.from_json(out / "page_scores.json")
     assert placement["budget"] == budget_params("5%", vanilla_lora_params(scores, 4))
     assert placement["trainable_params"] <= placement["budget"]
+
+
+def test_an_estimator_the_strategy_overrides_is_said(folder, tmp_path, capsys):
+    model, data = folder
+    assert main(["apply", "--model", str(model), "--data", str(data), "--batch-size", "3", "--no-progress",
+                 "--resamples", "20", "--rank", "4", "--estimator", "fisher", "--strategy", "adam", "--top-k", "1",
+                 "--out-dir", str(tmp_path / "a")]) == 0
+    assert "measures with the gradient estimator" in capsys.readouterr().err

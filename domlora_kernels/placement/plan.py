@@ -1,8 +1,10 @@
-"""DomLoRA placement: a peft adapter on the highest-PAGE module(s), started from the probe's A.
+"""Placement: peft adapters where a strategy puts them, started from the probe's A where the ranks agree.
 
 :func:`domlora_config` turns a :class:`~domlora_kernels.scores.PageScores` into a peft config
-that targets the ``top_k`` modules of highest PAGE (or the modules and ranks a parameter
-``budget`` buys, :mod:`~domlora_kernels.placement.budget`) and nothing else; given a user's own
+that targets the modules and ranks a placement strategy chooses within a parameter ``budget``
+(:mod:`~domlora_kernels.placement.strategies`; the default ``"plop+types"``), or the ``top_k``
+modules of highest PAGE (the paper's rule, :mod:`~domlora_kernels.placement.budget` for its
+budget plans), and nothing else; given a user's own
 ``LoraConfig``, it restricts that config's targets instead. :func:`apply_domlora` takes the
 same arguments, wraps a model with the config and copies the probe's ``A`` into each
 ``lora_A``, so that the first gradient of every ``lora_B`` is exactly the one the probe
@@ -48,7 +50,7 @@ class Placement:
 
     Attributes:
         variant: "lora", "dora", "rslora" or "adalora".
-        targets: the adapted modules, highest PAGE first.
+        targets: the adapted modules, highest value of the strategy's signal (PAGE for "page") first.
         ranks: name -> adapter rank (AdaLoRA: its ``init_r``; it prunes towards ``r`` in training).
         shares: name -> PAGE share of the module in the whole probe.
         r: the rank argument; vanilla LoRA is counted at this rank.
@@ -227,7 +229,7 @@ def _resolve_ranks(scores: PageScores, targets: list[str], r: int, rank_pattern:
 class Plan:
     """What :func:`domlora_config` and :func:`apply_domlora` place, validated once."""
 
-    targets: list[str]  # highest PAGE first
+    targets: list[str]  # highest value of the strategy's signal first
     ranks: dict[str, int]
     r: int
     lora_alpha: float
@@ -337,9 +339,9 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
     if plan.variant == "adalora":
         raise ValueError("variant 'adalora' allocates its ranks itself during training; use strategy 'page' with top_k")
     if budget is None:
-        if s in ("types", "plop", "plop+types"):
-            raise ValueError(f"strategy {s!r} spreads a budget over every layer of its module types; give budget= "
-                             f"(e.g. '1%'), not top_k")
+        if s in ("types", "plop", "plop+types"):  # resolve() gave them the default budget unless top_k was given
+            raise ValueError(f"strategy {s!r} spreads a budget over every layer of its module types, so it takes "
+                             f"budget= (e.g. '1%'), not top_k={top_k}")
         plan.targets = top_by_signal(scores, s, candidates, _check_int(1 if top_k is None else top_k, "top_k", 1,
                                                                        len(candidates)))
         plan.ranks = {n: plan.r for n in plan.targets}
@@ -368,13 +370,14 @@ def make_plan(scores, r, lora_alpha, top_k, variant, rank_pattern, budget, top_p
               strategy=None) -> Plan:
     """Validate the arguments once and choose the targets, their ranks and, for budget plans, alphas."""
     _check_scores(scores)
-    strategy, budget = resolve(strategy, top_k, top_p, rank_pattern, variant, budget)
     if config is not None:
         r, lora_alpha, variant, rslora = _settings_from_config(config, r, lora_alpha, variant, peft_kwargs)
         candidates, init = _config_candidates(scores, config), config.init_lora_weights
     else:
         r, lora_alpha, variant = 8 if r is None else r, 16 if lora_alpha is None else lora_alpha, variant or "lora"
         rslora, candidates, init = variant == "rslora", list(scores.scores), peft_kwargs.get("init_lora_weights", True)
+    # after the config's settings: an AdaLoraConfig resolves like variant="adalora"
+    strategy, budget = resolve(strategy, top_k, top_p, rank_pattern, variant, budget)
     _check_settings(r, lora_alpha, variant, rank_pattern, peft_kwargs, config)
     if sum(x is not None for x in (top_k, budget, top_p)) > 1:
         raise ValueError("give one of top_k (a number of modules), budget (parameters or a fraction) and top_p "

@@ -63,14 +63,21 @@ PLOP_TYPES = ("v_proj", "o_proj", "down_proj")
 # budget it fills when none is given: 5% of vanilla LoRA at rank r on every probed module.
 DEFAULT_STRATEGY = "plop+types"
 DEFAULT_BUDGET = "5%"
+BUDGET_ONLY = ("types", "plop", "plop+types")  # strategies that spread a budget over whole types
 
 
 def resolve(strategy: str | None, top_k: Any, top_p: Any, rank_pattern: Any, variant: Any, budget: Any):
     """``(strategy, budget)`` as used: ``strategy=None`` is PAGE's rule where the selection is
     PAGE's (``top_k``, ``top_p``, ``rank_pattern``, or AdaLoRA, which ranks by PAGE's top-k), else
-    :data:`DEFAULT_STRATEGY` at ``budget`` (:data:`DEFAULT_BUDGET` when none is given)."""
+    :data:`DEFAULT_STRATEGY` at ``budget``. A strategy of :data:`BUDGET_ONLY` given no ``top_k``,
+    ``top_p`` or ``budget`` fills :data:`DEFAULT_BUDGET` (a share of vanilla LoRA at the plan's
+    rank ``r``: at a smaller ``r``, or with DoRA's magnitude vectors, PLoP's types need a larger
+    share of it)."""
+    unset = top_k is None and top_p is None and budget is None
     if strategy is not None:
-        return check_strategy(strategy), budget
+        check_strategy(strategy)
+        # the strategies that only fill a budget take the default one when no selection is given
+        return strategy, DEFAULT_BUDGET if unset and strategy in BUDGET_ONLY else budget
     if top_k is not None or top_p is not None or rank_pattern is not None or variant == "adalora":
         return "page", budget
     return DEFAULT_STRATEGY, DEFAULT_BUDGET if budget is None else budget
@@ -211,6 +218,28 @@ def plan_plop(scores: PageScores, candidates: list[str], r: int, budget: int, do
     return {n: k for n in names} if k >= 1 else {}
 
 
+def plop_threshold(scores: PageScores, candidates: list[str], dora: bool = False) -> int | None:
+    """Parameters of PLoP's types at rank 1 on every layer among ``candidates`` (None: none of them)."""
+    names = [n for n in candidates if scores.modules[n].type in PLOP_TYPES]
+    return sum(_unit(scores, n, 1, dora) for n in names) if names else None
+
+
+def _plop_then_types(scores: PageScores, candidates: list[str], r: int, budget: int, dora: bool) -> dict[str, int]:
+    """The ``"plop+types"`` rule; below PLoP's threshold its error says what the threshold is."""
+    need = plop_threshold(scores, candidates, dora)
+    if need is not None and need <= budget:
+        return plan_plop(scores, candidates, r, budget, dora)
+    if SIGNAL_OF["types"] not in scores.signals:
+        why = (f"PLoP's types (v/o/down on every layer at rank 1) need {need:,} parameters and the budget is "
+               f"{budget:,}" if need is not None else "the candidates have no v_proj, o_proj or down_proj")
+        raise ValueError(f"strategy 'plop+types' plans by 'types' here ({why}), which needs the 'adam' signal these "
+                         f"scores do not carry: probe with page_scores(..., estimator='gradient') or "
+                         f"measure_signals(model, batches, 'plop+types')"
+                         + (f", raise the budget to {need:,}" if need is not None else "")
+                         + ", or choose strategy='page' (PAGE, the paper's rule)")
+    return plan_types(scores, signal_values(scores, "types"), candidates, r, budget, dora)
+
+
 def plan_strategy(scores: PageScores, strategy: str, candidates: list[str], r: int, budget: int,
                   dora: bool = False) -> dict[str, int]:
     """``{module: rank}`` of ``strategy`` within ``budget`` parameters (module order: model order).
@@ -221,9 +250,7 @@ def plan_strategy(scores: PageScores, strategy: str, candidates: list[str], r: i
     if strategy == "plop":
         ranks = plan_plop(scores, candidates, r, budget, dora)
     elif strategy == "plop+types":
-        has_plop = any(scores.modules[n].type in PLOP_TYPES for n in candidates)
-        ranks = (plan_plop(scores, candidates, r, budget, dora) if has_plop else {}) or plan_types(
-            scores, signal_values(scores, strategy), candidates, r, budget, dora)
+        ranks = _plop_then_types(scores, candidates, r, budget, dora)
     elif strategy == "types":
         ranks = plan_types(scores, signal_values(scores, strategy), candidates, r, budget, dora)
     else:

@@ -270,7 +270,7 @@ def _init_lora_A(layers: dict[str, nn.Module], scores: PageScores, plan: Plan, a
 
 def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name: str = "default",
                   verbose: bool = True, **kwargs: Any):
-    """Wrap ``model`` with peft adapters on its highest-PAGE modules, initialised from the probe.
+    """Wrap ``model`` with peft adapters where :func:`domlora_config` places them, initialised from the probe.
 
     Like ``peft.get_peft_model``, this injects the adapters into ``model`` itself; ``scores``
     is not changed. For "lora", "dora" and "rslora", each target's ``lora_A`` (``[rank, n]``)
@@ -305,8 +305,8 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
     Example:
         >>> scores = page_scores(model, batches, rank=8, lora_alpha=16)   # doctest: +SKIP
         >>> pm = apply_domlora(model, scores, r=8, lora_alpha=16)          # doctest: +SKIP
-        >>> pm.domlora_placement.ratio                                     # doctest: +SKIP
-        0.0069
+        >>> round(pm.domlora_placement.ratio, 4)                           # doctest: +SKIP
+        0.0495
     """
     plan = _plan_as_config(scores, args, kwargs)
     _check_model(model, scores, plan.targets)

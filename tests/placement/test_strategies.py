@@ -85,7 +85,7 @@ def test_top_k_by_a_signal(scores):
 @pytest.mark.parametrize("kwargs, match", [
     ({"strategy": "best", "budget": "1%"}, "unknown strategy 'best'"),
     ({"strategy": 3, "budget": "1%"}, "unknown strategy 3"),
-    ({"strategy": "types", "top_k": 2}, "give budget="),
+    ({"strategy": "types", "top_k": 2}, "takes budget="),
     ({"strategy": "adam", "top_p": 0.5}, "top_p is a fraction of the PAGE mass"),
     ({"strategy": "adam", "budget": "1%", "rank_pattern": "page"}, "drop rank_pattern"),
     ({"strategy": "adam", "budget": 3}, "buys no adapter by strategy 'adam'"),
@@ -138,7 +138,7 @@ def test_the_default_is_plop_then_types_at_five_percent_and_page_with_page_selec
     assert resolve(None, None, 0.5, None, "lora", None) == ("page", None)
     assert resolve(None, None, None, "page", "lora", None) == ("page", None)
     assert resolve(None, None, None, None, "adalora", None) == ("page", None)
-    assert resolve("types", None, None, None, "lora", None) == ("types", None)
+    assert resolve("types", None, None, None, "lora", None) == ("types", "5%")
     with pytest.raises(ValueError, match="unknown strategy"):
         resolve("plop+eva", None, None, None, "lora", None)
     model = tiny_model("llama")
@@ -148,3 +148,46 @@ def test_the_default_is_plop_then_types_at_five_percent_and_page_with_page_selec
     assert placed.strategy == "plop+types" and placed.ranks == want
     assert domlora_config(scores, r=4, top_k=2).target_modules == domlora_config(scores, r=4, top_k=2,
                                                                                  strategy="page").target_modules
+
+
+def test_naming_a_budget_strategy_without_a_budget_fills_the_default_one(scores):
+    from domlora_kernels.placement.strategies import resolve
+
+    for s in ("types", "plop", "plop+types"):
+        assert resolve(s, None, None, None, "lora", None) == (s, "5%")
+    assert resolve("adam", None, None, None, "lora", None) == ("adam", None)  # top-1 by its signal
+    named = domlora_config(scores, r=4, strategy="plop+types")
+    assert named.target_modules == domlora_config(scores, r=4).target_modules
+    with pytest.raises(ValueError, match="takes budget=.*not top_k=2"):
+        domlora_config(scores, r=4, top_k=2, strategy="types")
+
+
+def test_below_the_threshold_without_the_signal_the_error_gives_the_threshold():
+    from domlora_kernels.placement.strategies import plop_threshold
+
+    model = tiny_model("llama")
+    fisher = measure_signals(model, _batches(), "page", rank=4, progress=False)
+    need = plop_threshold(fisher, list(fisher.scores))
+    assert need == sum(rank_unit(fisher.modules[n]) for n in fisher.scores
+                       if fisher.modules[n].type in ("v_proj", "o_proj", "down_proj"))
+    with pytest.raises(ValueError, match=f"need {need:,} parameters and the budget is {need - 1:,}.*raise the budget"):
+        domlora_config(fisher, r=4, budget=need - 1, strategy="plop+types")
+    assert domlora_config(fisher, r=4, budget=need, strategy="plop+types")  # at the threshold: PLoP's types
+    dora_need = plop_threshold(fisher, list(fisher.scores), dora=True)
+    assert dora_need > need  # DoRA's magnitude vectors raise it
+    with pytest.raises(ValueError, match=f"need {dora_need:,} parameters"):
+        domlora_config(fisher, r=4, budget=need, variant="dora")
+
+
+def test_a_model_without_v_o_down_plans_plop_then_types_by_types(scores):
+    names = [n for n in scores.scores if scores.modules[n].type in ("q_proj", "k_proj", "up_proj")]
+    budget = budget_params(0.5, vanilla_lora_params(scores, 4))
+    assert plan_strategy(scores, "plop+types", names, 4, budget) == plan_strategy(scores, "types", names, 4, budget)
+
+
+def test_an_adalora_config_without_a_strategy_is_placed_by_page(scores):
+    from peft import AdaLoraConfig
+
+    cfg = domlora_config(scores, config=AdaLoraConfig(target_r=4, init_r=6, lora_alpha=8, total_step=10))
+    top = max(scores.scores, key=scores.scores.get)
+    assert re.escape(top) in cfg.target_modules and cfg.target_modules.count("|") == 0

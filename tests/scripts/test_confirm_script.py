@@ -22,22 +22,35 @@ exit 0
 """
 
 
-def test_peers_first_then_the_default_only_where_they_separate(tmp_path):
+def _run(tmp_path, task):
     fake = tmp_path / "python"
     fake.write_text(FAKE)
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
-    run = subprocess.run(["bash", "python/studies/placement/confirm.sh", "smollm2", "chat"], cwd=ROOT,
+    run = subprocess.run(["bash", "python/studies/placement/confirm.sh", "smollm2", task], cwd=ROOT,
                          env={**os.environ, "PYTHON": str(fake), "CALLS": str(calls)}, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     lines = calls.read_text().splitlines()
-    arms = [(x.split("--budget-arms ")[1].split()[0], x.split("--budgets ")[1]) for x in lines if "--budget-arms " in x]
+    arms = [(x.split("--budget-arms ")[1].split()[0], x.split("--budgets ")[1]) for x in lines
+            if "--stage budget" in x and "--budget-arms " in x]
+    return run, lines, arms
+
+
+PEERS_SMALL = {"random_module", "kappatune", "page_budget", "eva", "shallow_down", "lora_all", "page_top1"}
+PEERS_LARGE = {"plop_vod", "kappatune", "random_module", "page_budget", "eva", "shallow_down", "page_top1"}
+
+
+def test_peers_first_then_the_default_only_where_they_separate(tmp_path):
+    run, lines, arms = _run(tmp_path, "chat")
     assert "--budget-arms=" in lines[0]  # decisions and the base model's runs first
-    small = {"random_module", "kappatune", "page_budget", "eva", "shallow_down", "lora_all"}
-    assert {a for a, b in arms[:6]} == small and {b for a, b in arms[:6]} == {"0.007"}
-    assert arms[6] == ("types", "0.007")  # the default's arm, after its cell's peers
-    assert {a for a, b in arms[7:]} == {"plop_vod", "kappatune", "random_module", "eva", "shallow_down"}
-    assert all(b == "0.05" for a, b in arms[7:])  # no default at 5%: its peers tie here
-    sep = [i for i, x in enumerate(lines) if "decide separation" in x]
-    assert len(sep) == 2 and "the peers tie" in run.stderr
+    assert {a for a, b in arms[:7]} == PEERS_SMALL and {b for a, b in arms[:7]} == {"0.007"}
+    assert arms[7] == ("types", "0.007")  # the default's arm, after its cell's peers
+    assert {a for a, b in arms[8:]} == PEERS_LARGE and all(b == "0.05" for a, b in arms[8:])  # 5%: the peers tie
+    assert sum("decide separation" in x for x in lines) == 2 and "the peers tie" in run.stderr
     assert "decide confirm --cells smollm2:chat:0.007,smollm2:chat:0.05" in lines[-1]
+
+
+def test_the_design_task_needs_no_separation_gate(tmp_path):
+    run, lines, arms = _run(tmp_path, "instruction")
+    assert not any("decide separation" in x for x in lines)
+    assert ("types", "0.007") in arms and ("types", "0.05") in arms

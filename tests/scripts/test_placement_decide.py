@@ -16,6 +16,13 @@ def _write(root, family, task, drops: dict[str, float], budget="0.007", seeds=3,
     base = rng.uniform(1.0, 2.0, ITEMS)
     fam = root / family
     fam.mkdir(parents=True, exist_ok=True)
+    # ten layers whose v/o/down at rank 1 are 3.75% of vanilla LoRA: PLoP's types fit 5%, not 0.7%
+    shapes = {"q_proj": (16, 16), "k_proj": (16, 16), "v_proj": (16, 16), "o_proj": (16, 16), "gate_proj": (16, 64),
+              "up_proj": (16, 64), "down_proj": (64, 16)}
+    names = [(i, t) for i in range(10) for t in shapes]
+    mods = {f"model.layers.{i}.{t}": {"type": t, "layer": i, "in": shapes[t][0], "out": shapes[t][1], "page_rank": k + 1}
+            for k, (i, t) in enumerate(names)}
+    (fam / f"predictors_{task}.json").write_text(json.dumps({"modules": mods}))
     lines = [{"key": f"{task}|base", "task": task, "stage": "budget", "arm": "base", "phase": "test", "seed": 0,
               "lr": 0.0, "test_losses": base.tolist()}]
     for arm, d in drops.items():
@@ -112,3 +119,14 @@ def test_the_package_evidence_is_the_committed_decisions():
     assert shipped == decide.evidence(decision)  # regenerate: python -m python.studies.placement.decide evidence
     assert DEFAULT_STRATEGY == shipped["default"] == decide.default_strategy(decision)
     assert EVIDENCE[DEFAULT_STRATEGY] == shipped["strategies"][DEFAULT_STRATEGY]
+
+
+def test_a_confirmation_cell_whose_peers_tie_is_excluded_unless_it_is_the_design_task(tmp_path):
+    ties = {"eva": 1.0, "random_module": 1.0, "types": 1.2}
+    _write(tmp_path, "q", "chat", ties)
+    _write(tmp_path, "q", "instruction", ties)
+    c = decide.confirm(tmp_path, [decide.Cell("q", "chat", "0.007"), decide.Cell("q", "instruction", "0.007")], "types")
+    assert c["cells"]["q chat 0.7%"]["excluded"] and not c["cells"]["q instruction 0.7%"].get("excluded")
+    assert c["complete"] and c["confirmed"]  # on the one cell that counts
+    text = "\n".join(decide.confirmation_lines(c))
+    assert "Excluded: the peers do not separate placements here" in text

@@ -6,11 +6,14 @@
 #     bash python/studies/placement/confirm.sh qwen05 instruction
 #
 # Order: the task's probe if missing; the decisions and the base model's runs; then per cell
-# (0.7%, then 5%) the peers and vanilla LoRA, two queues in parallel, and, if the peers separate
-# (best peer clear of the worst: `decide separation`), the committed default's arm (`decide arm`,
+# (0.7%, then 5%) the peers and vanilla LoRA, two queues in parallel, and, on a task other than
+# the design task, only if the peers separate (best peer clear of the worst: `decide separation`,
+# exit status 3 when they tie), the committed default's arm (`decide arm`,
 # from python/results/placement/decision.json); last the confirmation table (`decide confirm`).
-# The rate grids start at 3.16e-3 (single-module arms) and 1e-3 (wide arms) for every arm here;
-# a pick at a grid edge extends the grid either way. Extra arguments go to every study call.
+# The rate grids start at 3.16e-3 (single-module arms) and 1e-3 (wide arms) for every arm here
+# (the design runs started wide peers at 1e-4; every wide pick there was >= 1e-3); a pick at a
+# grid edge extends the grid either way. Extra arguments go to every study call. The criterion
+# pools every confirmation cell: `decide confirm` over all of them (docs/placement_protocol.md).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."  # the repository root: the study runs as a module from there
 FAMILY=${1:?usage: confirm.sh FAMILY TASK}
@@ -30,8 +33,8 @@ source python/studies/placement/both.sh  # both "cmd1" "cmd2": the two in parall
 budget --budget-arms=
 # One cell at a time, the 0.7% cell first (a run cut by the clock then has one whole cell): its
 # peers and vanilla LoRA in two queues of about equal work, then the default's arm if they separate.
-declare -A QUEUE_A=([0.007]="random_module kappatune page_budget" [0.05]="plop_vod kappatune random_module")
-declare -A QUEUE_B=([0.007]="eva shallow_down lora_all" [0.05]="eva shallow_down")
+declare -A QUEUE_A=([0.007]="random_module kappatune page_budget" [0.05]="plop_vod kappatune random_module page_budget")
+declare -A QUEUE_B=([0.007]="eva shallow_down lora_all page_top1" [0.05]="eva shallow_down page_top1")
 cells=()
 for b in "${BUDGETS[@]}"; do
     cell="$FAMILY:$TASK:$b"
@@ -39,11 +42,19 @@ for b in "${BUDGETS[@]}"; do
     a=(${QUEUE_A[$b]}) && a=("${a[@]/%/:$b}")
     c=(${QUEUE_B[$b]}) && c=("${c[@]/%/:$b}")
     both "queue ${a[*]}" "queue ${c[*]}"
-    if "$PY" "${DECIDE[@]}" separation --cells "$cell"; then
-        queue "$("$PY" "${DECIDE[@]}" arm --cells "$cell"):$b"
-    else
-        echo "$cell: the peers tie, so the cell is no evidence; the default is not run there" >&2
+    if [ "$TASK" != instruction ]; then  # the design task needs no gate; another task must separate placements
+        rc=0
+        "$PY" "${DECIDE[@]}" separation --cells "$cell" || rc=$?
+        if [ $rc -eq 3 ]; then
+            echo "$cell: the peers tie, so the cell is no evidence; the default is not run there" >&2
+            continue
+        elif [ $rc -ne 0 ]; then
+            exit $rc
+        fi
     fi
+    arm=$("$PY" "${DECIDE[@]}" arm --cells "$cell")
+    queue "$arm:$b"
 done
-"$PY" "${STUDY[@]}" --stage report --tasks "$TASK" --budget-tasks "$TASK"
+arms="random_module,kappatune,page_budget,plop_vod,eva,shallow_down,lora_all,page_top1,$("$PY" "${DECIDE[@]}" arm --cells "$(IFS=,; echo "${cells[*]}")" | paste -sd,)"
+"$PY" "${STUDY[@]}" --stage report --tasks "$TASK" --budget-tasks "$TASK" --budget-arms "$arms"
 "$PY" "${DECIDE[@]}" confirm --cells "$(IFS=,; echo "${cells[*]}")" --out "python/results/placement/$FAMILY"

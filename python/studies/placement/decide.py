@@ -39,11 +39,13 @@ PEERS = ("plop_vod", "eva", "kappatune", "shallow_down", "random_module", "page_
 STRATEGY_OF = {"types": "types", "adam": "adam", "heldout": "heldout", "pilot": "pilot", "page_budget": "page",
                "plop_vod": "plop", "eva": None, "kappatune": None, "shallow_down": None, "random_module": None,
                "page_top1": None}
-# Cheaper first (the protocol's tie-break: fewer probes, then fewer pilot steps; data-free first).
+# Cheaper first (the protocol's tie-break: fewer probes, then fewer pilot steps; data-free first;
+# among the one-probe rules, by the seconds each took to plan on SmolLM2, strategies_instruction.json).
 COST_ORDER = ("plop_vod", "shallow_down", "random_module", "kappatune", "page_top1", "page_budget", "types",
               "adam", "heldout", "eva", "pilot")
 TIE = 0.005
 SEEDS = 3
+DESIGN_TASK = "instruction"  # the confirmation's separation gate applies to the other tasks
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,14 @@ def decide(root: Path, cells: list[Cell]) -> dict:
                          "margin": {a: report.paired_ci(drops[a], drops[bp]) for a in drops if a != "lora_all"},
                          "vs_random": {a: report.paired_ci(drops[a], drops["random_module"]) for a in drops
                                        if "random_module" in drops and a not in ("lora_all", "random_module")},
-                         "plop_fits": "plop_vod" in drops}
+                         "plop_fits": plop_fits(root, c)}
     everywhere = [a for a in CANDIDATES if all(a in t["drop"] for t in table.values())]
+    short = {a: [k for k, t in table.items() if a not in t["drop"]] for a in CANDIDATES if a not in everywhere}
     mean_margin = {a: float(np.mean([t["margin"][a][0] for t in table.values()])) for a in everywhere}
     below = {a: [k for k, t in table.items() if t["margin"][a][2] < 0] for a in everywhere}
     qualified = [a for a in everywhere if mean_margin[a] > 0 and not below[a]]
-    out = {"cells": table, "mean_margin": mean_margin, "cells_wholly_below_0": below, "qualified": qualified}
+    out = {"cells": table, "mean_margin": mean_margin, "cells_wholly_below_0": below, "qualified": qualified,
+           "not_in_every_cell": short}
     if qualified:
         out["default"] = {"rule": "strategy", "arm": _cheapest(qualified, mean_margin)}
         return out
@@ -157,8 +161,12 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
     """The default against each peer and vanilla LoRA in each cell. ``default``: an arm name, or
     the committed decision (``decision.json``), whose arm then depends on the cell's budget."""
     table = {}
+    sep = separation(root, [c for c in cells if c.task != DESIGN_TASK])
     for c in cells:
         arm = default if isinstance(default, str) else default_arm(default, root, c)
+        if str(c) in sep and not sep[str(c)]["separates"]:  # a task whose peers tie is no evidence
+            table[str(c)] = {"default_arm": arm, "excluded": True, "separation": sep[str(c)]}
+            continue
         drops = cell_drops(root, c)
         if arm not in drops:
             table[str(c)] = {"default_arm": arm, "missing": True, "arms": sorted(drops)}
@@ -166,10 +174,11 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
         bp = best_peer({k: v for k, v in drops.items() if k != arm})
         table[str(c)] = {"default_arm": arm, "best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
                          "delta": {a: report.paired_ci(drops[arm], drops[a]) for a in drops if a != arm}}
-    done = [t for t in table.values() if not t.get("missing") and t["best_peer"]]
+    counted = [t for t in table.values() if not t.get("excluded")]
+    done = [t for t in counted if not t.get("missing") and t["best_peer"]]
     margins = [t["delta"][t["best_peer"]] for t in done]
     out = {"default": default if isinstance(default, str) else default["default"], "cells": table,
-           "complete": len(done) == len(cells)}
+           "complete": bool(counted) and len(done) == len(counted)}
     if margins:
         out["mean_margin_vs_best_peer"] = float(np.mean([m[0] for m in margins]))
         out["confirmed"] = (out["complete"] and out["mean_margin_vs_best_peer"] >= 0
@@ -259,6 +268,8 @@ def decision_lines(d: dict) -> list[str]:
     for a, m in d["mean_margin"].items():
         lines.append(f"| {a} | {m:+.3f} | {', '.join(d['cells_wholly_below_0'][a]) or 'none'} | "
                      f"{'yes' if a in d['qualified'] else 'no'} |")
+    for a, ks in d.get("not_in_every_cell", {}).items():
+        lines.append(f"| {a} | - | not run with all seeds in: {', '.join(ks)} | not eligible |")
     dflt = d["default"]
     if dflt["rule"] == "strategy":
         lines += ["", f"**Default: `{STRATEGY_OF[dflt['arm']]}`** (arm `{dflt['arm']}`), by step 3."]
@@ -275,6 +286,12 @@ def decision_lines(d: dict) -> list[str]:
 def confirmation_lines(c: dict) -> list[str]:
     lines = [f"Default under test: `{json.dumps(c['default'])}`.", ""]
     for k, t in c["cells"].items():
+        if t.get("excluded"):
+            sp = t["separation"]
+            why = (f"{sp['best']} − {sp['worst']} = {_ci(sp['delta'])}" if sp.get("best") else
+                   f"fewer than two peers with all seeds ({', '.join(sp['peers']) or 'none'})")
+            lines += [f"## {k}", "", f"Excluded: the peers do not separate placements here ({why}).", ""]
+            continue
         if t.get("missing"):
             have = ", ".join(t["arms"]) or "none"
             lines += [f"## {k}", "", f"The default (arm `{t['default_arm']}`) has no finished runs here yet (arms "
