@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/domlora probe
+	$(BIN)/domlora apply --out-dir domlora_out/adapter
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

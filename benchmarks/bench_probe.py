@@ -523,15 +523,22 @@ def outcome_text(outcome: dict) -> str:
         return (f"ranks {o['rank_min']}-{o['rank_max']}, {o['modules_with_rank']} of {len(o['ranks'])} modules get an "
                 f"adapter, {o['rank_total']} of a {o['rank_budget']} rank budget; {o['passes']:g} passes over "
                 f"{o['batches']} batch{'es' if o['batches'] > 1 else ''} ({o['forwards']} forwards, one to find equal inputs)")
-    return (f"picks {outcome['modules_picked']} modules ({outcome['candidates_picked']} of them candidates), "
-            f"top_p {outcome['top_p']}")
+    if "modules_picked" in outcome:
+        return (f"picks {outcome['modules_picked']} modules ({outcome['candidates_picked']} of them candidates), "
+                f"top_p {outcome['top_p']}")
+    if "top_module" in outcome:  # a strategy of the package: what its signal ranks first
+        steps = f", after {outcome['steps']} pilot steps" if "steps" in outcome else ""
+        return f"ranks {outcome['top_module']} first{steps}"
+    return "-"
 
 
 def table(res: dict) -> str:
     rows = res["providers"]
     base = rows.get(BASELINE)
+    step = rows.get("lora-step")  # the strategies workload: costs in training steps of vanilla LoRA too
     lines = [f"{res['label']}  ({res['num_candidates']} candidate modules, {res['candidate_params'] / 1e6:.1f}M weights)",
-             f"{'provider':<22}{'median s':>10}{'x probe':>9}{'peak MB':>10}{'+MB run':>10}{'mem x probe':>12}{'passes':>8}"]
+             f"{'provider':<22}{'median s':>10}{'x probe':>9}" + (f"{'x step':>8}" if step else "")
+             + f"{'peak MB':>10}{'+MB run':>10}{'mem x probe':>12}{'passes':>8}"]
     for n, r in rows.items():
         m = r["memory"] or {}
         ratio = r["median_s"] / base["median_s"] if base else float("nan")
@@ -548,8 +555,9 @@ def table(res: dict) -> str:
             mark += f"  (memory: {m.get('skipped') or m.get('error')})"
         if len(r["times_s"]) < res["repeats"]:
             mark += f"  ({len(r['times_s'])} of {res['repeats']} rounds: slow-provider cap, --slow-rounds)"
-        lines.append(f"{n:<22}{r['median_s']:>10.3f}{ratio:>9.2f}{_mb(mb):>10}{_mb(m.get('delta_bytes')):>10}{mem_ratio:>12}"
-                     f"{_passes(r):>8}{mark}")
+        steps = f"{r['median_s'] / step['median_s']:>8.1f}" if step else ""
+        lines.append(f"{n:<22}{r['median_s']:>10.3f}{ratio:>9.2f}{steps}{_mb(mb):>10}{_mb(m.get('delta_bytes')):>10}"
+                     f"{mem_ratio:>12}{_passes(r):>8}{mark}")
     for n, why in res["skipped"].items():
         lines.append(f"{n:<22}  skipped: {why}")
     decisions = [n for n, r in rows.items() if r.get("decision")]

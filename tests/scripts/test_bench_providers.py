@@ -149,3 +149,17 @@ def test_strategy_providers_run_and_leave_the_model_as_found(model, ids, name):
 def test_strategies_workload_names_known_providers():
     (point,) = B.workloads()["strategies"]
     assert set(point["providers"]) <= set(P.PROVIDERS)
+
+
+def test_the_strategies_table_gives_costs_in_probes_and_training_steps():
+    def row(s, decision=None, outcome=None):
+        return {"median_s": s, "times_s": [s] * 3, "memory": None, "decision": decision, "outcome": outcome or {}}
+
+    res = {"label": "t", "num_candidates": 2, "candidate_params": 1e6, "repeats": 3, "skipped": {},
+           "providers": {"probe": row(4.0), "lora-step": row(2.0, "(reference) step", {}),
+                         "strategy-pilot": row(120.0, "pilot", {"top_module": "m.0.v_proj", "steps": 30})}}
+    text = B.table(res)
+    assert "x step" in text
+    pilot = next(x for x in text.splitlines() if x.startswith("strategy-pilot"))
+    assert pilot.split()[1:4] == ["120.000", "30.00", "60.0"]
+    assert "ranks m.0.v_proj first, after 30 pilot steps" in text and "lora-step ((reference) step): -" in text
