@@ -28,6 +28,8 @@ def test_readme_python_examples_run_in_order(tmp_path, monkeypatch, capsys):
     assert scores.dominant_module in scores.scores
     assert Path("domlora_out/example.json").is_file()
     out = capsys.readouterr().out
-    assert "dominant: " in out and "% of vanilla LoRA" in out
+    assert "by strategy 'plop+types'" in out and "% of vanilla LoRA" in out
     placement = namespace["peft_model"].domlora_placement
-    assert placement.trainable_params > 0 and placement.targets == [scores.dominant_module]
+    assert placement.strategy == "plop+types" and len(placement.targets) == 90  # v/o/down on all 30 layers
+    assert {t.rsplit(".", 1)[1] for t in placement.targets} == {"v_proj", "o_proj", "down_proj"}
+    assert placement.trainable_params <= placement.budget
