@@ -303,8 +303,11 @@ def confirmation_lines(c: dict) -> list[str]:
                                                                                    key=lambda x: -t["drop"][x[0]])]
         lines.append("")
     if "mean_margin_vs_best_peer" in c:
-        verdict = ("confirmed" if c["confirmed"] else "not confirmed") if c["complete"] else "incomplete"
-        lines.append(f"Mean margin against each cell's best peer: {c['mean_margin_vs_best_peer']:+.3f}; {verdict}.")
+        verdict = ("criterion met" if c["confirmed"] else "criterion not met") if c["complete"] else "incomplete"
+        n = len(c["cells"])
+        lines.append(f"Mean margin against each cell's best peer, over these {n} cell{'s' * (n > 1)}: "
+                     f"{c['mean_margin_vs_best_peer']:+.3f}; {verdict} on them (the protocol's verdict pools every "
+                     f"confirmation cell).")
     return lines
 
 
