@@ -171,8 +171,13 @@ def _check_probe_args(args: argparse.Namespace, lora_alpha: float | None) -> Non
     from .probe.candidates import check_selection
     from .probe.checks import validate
 
-    validate(args.rank, args.projection, args.estimator or "fisher", args.backend, _seeds(args), lora_alpha, [], None)
+    validate(args.rank, args.projection, _estimator(args), args.backend, _seeds(args), lora_alpha, [], None)
     check_selection(_target(args.target_modules))
+
+
+def _estimator(args: argparse.Namespace) -> str:
+    """``--estimator``, or PAGE's own (fisher) when none was given (None: the user chose none)."""
+    return args.estimator or "fisher"
 
 
 def _stop_kwargs(args: argparse.Namespace, strategy: str) -> dict:
@@ -220,7 +225,7 @@ def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bo
                   seed=_seeds(args), lora_alpha=lora_alpha, backend=args.backend, use_rslora=use_rslora,
                   progress=not args.no_progress, **_stop_kwargs(args, strategy))
     if strategy in ("page", "plop"):
-        scores = page_scores(model, batches, estimator=args.estimator or "fisher", **common)
+        scores = page_scores(model, batches, estimator=_estimator(args), **common)
     else:
         from .placement import measure_signals
 
@@ -230,7 +235,7 @@ def run_probe(args: argparse.Namespace, lora_alpha: float | None, use_rslora: bo
             print(f"note: --strategy {strategy} measures with the gradient estimator (its signal is the mean "
                   f"gradient's), not --estimator {args.estimator}", file=sys.stderr)
         if strategy == "pilot":
-            common["estimator"] = args.estimator or "fisher"
+            common["estimator"] = _estimator(args)
         scores = measure_signals(model, batches, strategy, **common)
     tasks = sorted({r.get("task", "user") for r in records})
     scores.meta.update({
@@ -305,7 +310,7 @@ def _dry_run_placement(args: argparse.Namespace, alpha: float, modules: dict | N
         modules = {f"m.{i}.v_proj": ModuleInfo(i, "v_proj", 1, 1) for i in range(max(args.top_k or 1, 1))}
         kwargs["budget"] = None if args.budget is None else 1.0
     uniform = {n: 1.0 for n in modules}
-    config = {"rank": args.rank, "projection": args.projection, "estimator": args.estimator or "fisher", "seeds": [0]}
+    config = {"rank": args.rank, "projection": args.projection, "estimator": _estimator(args), "seeds": [0]}
     signals = {k: dict(uniform) for k in ("adam", "heldout", "pilot")}  # what the strategies will measure
     domlora_config(PageScores(uniform, {0: dict(uniform)}, None, modules, 1, config, signals=signals), **kwargs)
 

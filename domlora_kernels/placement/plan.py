@@ -36,7 +36,7 @@ from typing import Any
 
 from ..scores import PageScores
 from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, rank_unit, vanilla_lora_params
-from .strategies import SIGNAL_OF, plan_strategy, resolve, signal_values, top_by_signal
+from .strategies import BUDGET_ONLY, SIGNAL_OF, plan_strategy, resolve, signal_values, top_by_signal
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")
 
@@ -339,7 +339,7 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
     if plan.variant == "adalora":
         raise ValueError("variant 'adalora' allocates its ranks itself during training; use strategy 'page' with top_k")
     if budget is None:
-        if s in ("types", "plop", "plop+types"):  # resolve() gave them the default budget unless top_k was given
+        if s in BUDGET_ONLY:  # resolve() gave them the default budget unless top_k was given
             raise ValueError(f"strategy {s!r} spreads a budget over every layer of its module types, so it takes "
                              f"budget= (e.g. '1%'), not top_k={top_k}")
         plan.targets = top_by_signal(scores, s, candidates, _check_int(1 if top_k is None else top_k, "top_k", 1,
