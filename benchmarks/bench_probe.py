@@ -98,7 +98,7 @@ SWEEP_PROVIDERS = ["probe", "floor", "autograd", "autograd-per-sample"]
 # What each placement strategy of the package runs before it can plan (domlora_kernels.placement.
 # strategies), beside the probe, the floor, one training step of vanilla LoRA and the peers
 STRATEGY_PROVIDERS = ["probe", "floor", "lora-step", "strategy-adam", "strategy-heldout", "strategy-pilot",
-                      *DECISION_PROVIDERS]
+                      "probe-set", "probe-stopped", *DECISION_PROVIDERS]
 # Timed rounds per workload unless --repeats says otherwise: the headline is the median of
 # at least 7 interleaved rounds; each sweep point 3.
 DEFAULT_REPEATS = {"headline": 7}
@@ -528,7 +528,9 @@ def outcome_text(outcome: dict) -> str:
                 f"top_p {outcome['top_p']}")
     if "top_module" in outcome:  # a strategy of the package: what its signal ranks first
         steps = f", after {outcome['steps']} pilot steps" if "steps" in outcome else ""
-        return f"ranks {outcome['top_module']} first{steps}"
+        read = f", read {outcome['samples']} of {outcome['of']} samples" if "samples" in outcome else ""
+        stable = f" (stability {outcome['stability']:.2f})" if outcome.get("stability") is not None else ""
+        return f"ranks {outcome['top_module']} first{steps}{read}{stable}"
     return "-"
 
 

@@ -415,6 +415,54 @@ class StrategyPilot(Provider):
         return {"top_module": max(self._pilot, key=self._pilot.get), "steps": 30}
 
 
+class ProbeSet(Provider):
+    """The probe over a calibration set of ``SET_BATCHES`` batches of the harness's shape (the
+    first is the harness's batch, the others drawn with their own seeds), reading every one: what
+    a user who probes a whole set waits for. Its decision is PAGE's top-1 module."""
+
+    name = "probe-set"
+    kind = None
+    decision = "PAGE's top-1 module over a set of 6 batches, every batch read"
+    slow = True
+    SET_BATCHES = 6
+    stop = None
+
+    def prepare(self) -> None:
+        B, T = self.ids.shape
+        vocab = self.model.config.vocab_size
+        self._batches = [{"input_ids": self.ids}] + [
+            {"input_ids": torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1235 + i)).to(self.ids.device)}
+            for i in range(self.SET_BATCHES - 1)]
+
+    def run(self) -> None:
+        self._s = page_scores(self.model, self._batches, rank=self.rank, estimator="fisher", stop=self.stop,
+                              progress=False)
+        return None
+
+    def outcome(self) -> dict:
+        meta = self._s.meta
+        out = {"top_module": max(self._s.scores, key=self._s.scores.get), "samples": int(self._s.num_samples),
+               "of": self.SET_BATCHES * int(self.ids.shape[0])}
+        if self.stop is not None:
+            out["stability"] = meta["stability"]
+        return out
+
+
+class ProbeStopped(ProbeSet):
+    """The same set, probed with the default stopping rule on the top-1 module
+    (:class:`~domlora_kernels.probe.stopping.StopRule`: 95% of 200 bootstrap resamples agree,
+    at least 16 samples): it stops at the first batch where the decision is stable."""
+
+    name = "probe-stopped"
+    decision = "PAGE's top-1 module over the same set, stopped once stable (StopRule(top_k=1))"
+
+    @property
+    def stop(self):
+        from domlora_kernels.probe.stopping import StopRule
+
+        return StopRule(top_k=1)
+
+
 class LoraStep(Provider):
     """One training step of vanilla LoRA (rank r on every candidate module, AdamW): the unit a
     strategy's cost is also given in ("x one training step")."""
@@ -448,7 +496,7 @@ class LoraStep(Provider):
 
 PROVIDERS: dict[str, Callable[..., Provider]] = {
     p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus, Eva, KappaTune,
-                        StrategyAdam, StrategyHeldout, StrategyPilot, LoraStep)
+                        StrategyAdam, StrategyHeldout, StrategyPilot, LoraStep, ProbeSet, ProbeStopped)
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 
 import peft
@@ -15,6 +16,7 @@ from peft.tuners.lora.eva import _Hook
 
 from benchmarks import bench_probe as B
 from benchmarks import providers as P
+from domlora_kernels import page_scores
 from domlora_kernels.probe.candidates import find_candidates
 
 SPEC = B.llama(64, 96, 2, 4, 2, vocab=101)
@@ -144,6 +146,24 @@ def test_strategy_providers_run_and_leave_the_model_as_found(model, ids, name):
     assert _same_state(before, _state(model)) and not hasattr(model, "peft_config")
     if name != "lora-step":
         assert out["top_module"] in {c.name for c in find_candidates(model)}
+
+
+def test_the_stopped_set_probe_reads_a_prefix_of_the_full_one_with_its_scores(model):
+    ids = B.make_ids(model, 4, 16)  # 6 batches of 4: the rule checks from 16 samples on
+    full, stopped = P.PROVIDERS["probe-set"](model, ids, RANK), P.PROVIDERS["probe-stopped"](model, ids, RANK)
+    before = _state(model)
+    for p in (full, stopped):
+        p.prepare()
+        p.run()
+    assert _same_state(before, _state(model))
+    f, s = full.outcome(), stopped.outcome()
+    assert f["samples"] == f["of"] == P.ProbeSet.SET_BATCHES * ids.shape[0] and "stability" not in f
+    assert s["samples"] <= f["samples"] and s["samples"] % ids.shape[0] == 0 and 0 <= s["stability"] <= 1
+    # the stopped probe's scores are those of a probe given only the batches it read
+    read = stopped._batches[: s["samples"] // ids.shape[0]]
+    ref = page_scores(model, read, rank=RANK, estimator="fisher", progress=False)
+    assert stopped._s.scores.keys() == ref.scores.keys()
+    assert all(math.isclose(stopped._s.scores[n], ref.scores[n], rel_tol=1e-9) for n in ref.scores)
 
 
 def test_strategies_workload_names_known_providers():
