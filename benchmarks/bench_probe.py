@@ -184,7 +184,7 @@ def build_model(spec: dict) -> torch.nn.Module:
     if spec["model"] == "smollm2":
         from domlora_kernels.models import load_model
 
-        model, _ = load_model()
+        model, tok = load_model()
     elif spec["model"] == "mixtral":
         from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -209,6 +209,11 @@ def build_model(spec: dict) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     _MODELS[key] = model
+    if spec["model"] == "smollm2":
+        from benchmarks import providers as P
+
+        P.TOKENIZERS.clear()
+        P.TOKENIZERS[id(model)] = tok  # the set providers read the shipped calibration set through it
     return model
 
 
@@ -528,7 +533,7 @@ def outcome_text(outcome: dict) -> str:
                 f"top_p {outcome['top_p']}")
     if "top_module" in outcome:  # a strategy of the package: what its signal ranks first
         steps = f", after {outcome['steps']} pilot steps" if "steps" in outcome else ""
-        read = f", read {outcome['samples']} of {outcome['of']} samples" if "samples" in outcome else ""
+        read = f", read {outcome['samples']} of {outcome['of']} samples of {outcome['set']}" if "samples" in outcome else ""
         stable = f" (stability {outcome['stability']:.2f})" if outcome.get("stability") is not None else ""
         return f"ranks {outcome['top_module']} first{steps}{read}{stable}"
     return "-"

@@ -415,24 +415,40 @@ class StrategyPilot(Provider):
         return {"top_module": max(self._pilot, key=self._pilot.get), "steps": 30}
 
 
+# Tokenizers of the harness's real models, by id(model) (bench_probe.build_model registers them):
+# the set providers read the shipped calibration set through them.
+TOKENIZERS: dict[int, object] = {}
+
+
 class ProbeSet(Provider):
-    """The probe over a calibration set of ``SET_BATCHES`` batches of the harness's shape (the
-    first is the harness's batch, the others drawn with their own seeds), reading every one: what
-    a user who probes a whole set waits for. Its decision is PAGE's top-1 module."""
+    """The probe over a calibration set, reading every batch: what a user who probes a whole set
+    waits for. On a real model (its tokenizer registered in ``TOKENIZERS``) the set is the shipped
+    calibration set (48 samples of 4 tasks, in batches of the harness's B, at most T tokens);
+    on a random-weight model, ``SET_BATCHES`` batches of random ids of the harness's shape (the
+    first the harness's batch). Its decision is PAGE's top-1 module."""
 
     name = "probe-set"
     kind = None
-    decision = "PAGE's top-1 module over a set of 6 batches, every batch read"
+    decision = "PAGE's top-1 module over a calibration set, every batch read"
     slow = True
     SET_BATCHES = 6
     stop = None
 
     def prepare(self) -> None:
         B, T = self.ids.shape
+        tok = TOKENIZERS.get(id(self.model))
+        if tok is not None:
+            from domlora_kernels.data import load_calibration, make_batches
+
+            self._batches = [{k: v.to(self.ids.device) for k, v in b.items()}
+                             for b in make_batches(load_calibration(), tok, batch_size=B, max_length=T)]
+            self._set = f"the shipped calibration set, batches of {B}, at most {T} tokens"
+            return
         vocab = self.model.config.vocab_size
         self._batches = [{"input_ids": self.ids}] + [
             {"input_ids": torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1235 + i)).to(self.ids.device)}
             for i in range(self.SET_BATCHES - 1)]
+        self._set = f"{self.SET_BATCHES} batches of random ids [{B}, {T}]"
 
     def run(self) -> None:
         self._s = page_scores(self.model, self._batches, rank=self.rank, estimator="fisher", stop=self.stop,
@@ -440,11 +456,10 @@ class ProbeSet(Provider):
         return None
 
     def outcome(self) -> dict:
-        meta = self._s.meta
         out = {"top_module": max(self._s.scores, key=self._s.scores.get), "samples": int(self._s.num_samples),
-               "of": self.SET_BATCHES * int(self.ids.shape[0])}
+               "of": sum(int(b["input_ids"].shape[0]) for b in self._batches), "set": self._set}
         if self.stop is not None:
-            out["stability"] = meta["stability"]
+            out["stability"] = self._s.meta["stability"]
         return out
 
 
