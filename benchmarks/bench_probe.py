@@ -149,8 +149,9 @@ def machine() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "platform": platform.platform(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    # glibc's malloc tunables change peak RSS by ~10% here (see the README's benchmark notes)
+    # glibc's malloc tunables change peak RSS by ~10% here (FIXED_MALLOC)
     info["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    info["malloc_env_memory_children"] = {**info["malloc_env"], **FIXED_MALLOC}  # measure_memory's
     try:
         import opacus
 
@@ -162,7 +163,10 @@ def machine() -> dict:
 
 def machine_line(m: dict) -> str:
     dev = m["gpu"] or f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), no GPU"
-    return f"{dev}; torch {m['torch']}, transformers {m['transformers']}, opacus {m['opacus']}"
+    line = f"{dev}; torch {m['torch']}, transformers {m['transformers']}, opacus {m['opacus']}"
+    if m.get("malloc_env_memory_children"):
+        line += "; memory runs with " + " ".join(f"{k}={v}" for k, v in m["malloc_env_memory_children"].items())
+    return line
 
 
 # ----------------------------------------------------------------------------- model and inputs
@@ -396,11 +400,22 @@ def child_memory(job: dict) -> dict:
     return out
 
 
-def measure_memory(point: dict, name: str, log=print) -> dict:
+# glibc raises its mmap threshold each time a large mmapped block is freed, so which later
+# allocations land on the heap (and how far the heap grows before it is trimmed) depends on the
+# order of earlier frees: two runs of the same provider peaked 2,501 and 2,934 MiB apart. With
+# the threshold fixed (at glibc's initial 128 KiB) a provider's peak repeats to the MiB and
+# measures its tensors, not the heap's history. The memory children run so unless told otherwise.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def measure_memory(point: dict, name: str, log=print, malloc: dict | None = None) -> dict:
+    """Peak memory of one provider in a fresh process; ``malloc``: environment of glibc's
+    allocator for it (default :data:`FIXED_MALLOC`; ``{}``: the allocator as it is)."""
     job = {k: point[k] for k in ("spec", "batch", "tokens", "rank")}
     job["provider"] = name
     cmd = [sys.executable, "-m", "benchmarks.bench_probe", "--child", json.dumps(job)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(FIXED_MALLOC if malloc is None else malloc)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     for line in r.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):

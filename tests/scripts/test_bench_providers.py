@@ -183,3 +183,34 @@ def test_the_strategies_table_gives_costs_in_probes_and_training_steps():
     pilot = next(x for x in text.splitlines() if x.startswith("strategy-pilot"))
     assert pilot.split()[1:4] == ["120.000", "30.00", "60.0"]
     assert "ranks m.0.v_proj first, after 30 pilot steps" in text and "lora-step ((reference) step): -" in text
+
+
+def test_memory_children_run_with_the_allocator_fixed_unless_told(monkeypatch):
+    seen = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = 'CHILD_RESULT {"provider": "floor", "peak_bytes": 1, "delta_bytes": 1}'
+
+    def fake_run(cmd, **kw):
+        seen.append(kw["env"])
+        return Done()
+
+    monkeypatch.setattr(B.subprocess, "run", fake_run)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    point = {"spec": B.SMOLLM2, "batch": 1, "tokens": 8, "rank": 2}
+    B.measure_memory(point, "floor")
+    B.measure_memory(point, "floor", malloc={})
+    assert seen[0]["MALLOC_MMAP_THRESHOLD_"] == B.FIXED_MALLOC["MALLOC_MMAP_THRESHOLD_"]
+    assert "MALLOC_MMAP_THRESHOLD_" not in seen[1]
+
+
+def test_memory_floor_table_gives_ratios_to_the_floor():
+    from benchmarks import memory_floor as M
+
+    def runs(*peaks):
+        return [{"peak_mib": p, "delta_mib": p - 500} for p in peaks]
+
+    text = M.table({"fixed": {"floor": runs(2000, 2000, 2002), "probe": runs(2020, 2021, 2020)}})
+    row = next(line for line in text.splitlines() if " probe " in line)
+    assert row.split()[-2:] == ["1.010", "1.013"]
