@@ -36,7 +36,7 @@ from typing import Any
 
 from ..scores import PageScores
 from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, rank_unit, vanilla_lora_params
-from .strategies import BUDGET_ONLY, SIGNAL_OF, plan_strategy, resolve, signal_values, top_by_signal
+from .strategies import BUDGET_ONLY, SIGNAL_OF, plan_strategy, plop_threshold, resolve, signal_values, top_by_signal
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")
 
@@ -89,6 +89,10 @@ class Placement:
     top_p: float | None = None
     alphas: dict[str, float] = field(default_factory=dict)
     strategy: str = "page"
+    # strategy "plop+types" only: the rule that planned ("plop" or "types") and PLoP's threshold,
+    # the parameters v/o/down at rank 1 on every layer need (None: the model has none of them)
+    planned_by: str | None = None
+    plop_threshold: int | None = None
 
     SHOWN = 12  # summary() lists this many modules of a wider plan, after a count by type and rank
 
@@ -103,6 +107,13 @@ class Placement:
         adapters = f"DomLoRA ({self.variant}): {k} adapter{'s' if k > 1 else ''}"
         if self.rule == "budget" and self.strategy != "page":
             head = f"{adapters}, by strategy {self.strategy!r} within a budget of {self.budget:,} parameters"
+            if self.planned_by == "plop":
+                head += (f": PLoP's types (v/o/down on every layer; they need {self.plop_threshold:,} at rank 1, "
+                         f"the budget covers that)")
+            elif self.planned_by == "types":
+                need = ("the model has no v_proj, o_proj or down_proj" if self.plop_threshold is None else
+                        f"below the {self.plop_threshold:,} PLoP's types need at rank 1 on every layer")
+                head += f": by type, on Adam's first-step gain ({need})"
         elif self.rule == "top-k" and self.strategy != "page":
             head = f"{adapters} on the top-{k} module{'s' if k > 1 else ''} of strategy {self.strategy!r}"
         elif self.rule == "budget":
@@ -244,6 +255,8 @@ class Plan:
     alphas: dict[str, float] = field(default_factory=dict)
     expert_weights: frozenset[str] = frozenset()  # targets peft adapts through target_parameters
     strategy: str = "page"
+    planned_by: str | None = None  # as Placement's
+    plop_threshold: int | None = None
 
 
 def _settings_from_config(config: Any, r, lora_alpha, variant, peft_kwargs) -> tuple[int, float, str, bool]:
@@ -350,6 +363,9 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
         raise ValueError("a budget plan sets alpha_pattern itself (it keeps each module's scaling); remove alpha_pattern")
     params = budget_params(budget, vanilla_lora_params(scores, plan.r))
     ranks = plan_strategy(scores, s, candidates, plan.r, params, dora=plan.variant == "dora")
+    if s == "plop+types":
+        plan.plop_threshold = plop_threshold(scores, candidates, plan.variant == "dora")
+        plan.planned_by = "plop" if plan.plop_threshold is not None and plan.plop_threshold <= params else "types"
     if not ranks:
         raise ValueError(f"a budget of {params:,} parameters buys no adapter by strategy {s!r} (see "
                          f"domlora_kernels.placement.strategies for its rule); raise the budget or choose another strategy")

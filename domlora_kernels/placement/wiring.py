@@ -325,6 +325,7 @@ def apply_domlora(model: nn.Module, scores: PageScores, *args: Any, adapter_name
         copied_A=copied, kept_peft_init=kept, probe_scaling=scores.config.get("scaling"),
         adapter_scaling=None if plan.variant == "adalora" else lora_scaling(plan.r, plan.lora_alpha, plan.use_rslora),
         rule=plan.rule, budget=plan.budget, top_p=plan.top_p, alphas=plan.alphas, strategy=plan.strategy,
+        planned_by=plan.planned_by, plop_threshold=plan.plop_threshold,
     )
     pm.domlora_placement = placement
     if verbose:

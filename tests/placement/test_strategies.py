@@ -118,6 +118,24 @@ def test_plop_then_types_is_plop_where_it_fits_and_types_below(scores):
     assert not plan_strategy(scores, "plop", names, 4, vanilla // 200)
 
 
+def test_a_plop_then_types_plan_says_which_rule_planned_it(scores):
+    from domlora_kernels.placement.plan import make_plan
+    from domlora_kernels.placement.strategies import plop_threshold
+
+    need = plop_threshold(scores, list(scores.scores))
+    vanilla = vanilla_lora_params(scores, 4)
+    model = tiny_model("llama")
+    for budget, rule in ((need, "plop"), (need - 1, "types")):
+        plan = make_plan(scores, 4, 8, None, "lora", None, budget / vanilla, None, None, {}, strategy="plop+types")
+        assert (plan.planned_by, plan.plop_threshold) == (rule, need)
+        placed = apply_domlora(copy.deepcopy(model), scores, r=4, budget=budget / vanilla, verbose=False).domlora_placement
+        assert (placed.planned_by, placed.to_dict()["plop_threshold"]) == (rule, need)
+        head = placed.summary().splitlines()[0]
+        assert (f"PLoP's types (v/o/down on every layer; they need {need:,}" in head) == (rule == "plop")
+        assert (f"below the {need:,} PLoP's types need" in head) == (rule == "types")
+    assert make_plan(scores, 4, 8, None, "lora", None, 0.5, None, None, {}, strategy="types").planned_by is None
+
+
 def test_plop_then_types_needs_the_signal_only_below_the_threshold():
     model = tiny_model("llama")
     fisher = measure_signals(model, _batches(), "page", rank=4, progress=False)  # no "adam" signal
