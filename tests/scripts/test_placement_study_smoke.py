@@ -196,6 +196,16 @@ def test_smoke_runs_resumes_and_reports(tmp_path):
         assert first["ranks"] == r["ranks"] and first["lr"] == r["lr"] and first["seed"] == r["seed"]
         assert first.get("test_losses") == r.get("test_losses") and first.get("val_losses") == r.get("val_losses")
 
+    # the page_budget arm is PAGE's budget plan, whatever the package's default strategy is
+    from domlora_kernels import domlora_config
+    from domlora_kernels.scores import PageScores
+
+    scores = PageScores.from_json(fam / "page_math.json")
+    page_plan = ps.plan_ranks(domlora_config(scores, r=8, lora_alpha=16, budget=budget, strategy="page"), list(mods))
+    default_plan = ps.plan_ranks(domlora_config(scores, r=8, lora_alpha=16, budget=budget), list(mods))
+    assert page_plan != default_plan  # else this check could not tell them apart
+    assert json.loads((fam / "decisions_math.json").read_text())["page_budget"][str(budget)] == page_plan
+
     _smoke(out)  # resume: every run is found finished
     assert (fam / "runs.jsonl").read_text().splitlines() == lines
 

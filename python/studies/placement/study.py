@@ -476,7 +476,8 @@ def decisions_for(model, pred: dict, data: dict, cfg: Cfg, pad_id: int, task: st
     vanilla = vanilla_params(pred)
     plans = {}
     for b in cfg.budgets:
-        c = domlora_config(scores, r=8, lora_alpha=16, budget=int(b * vanilla))
+        # the paper's rule by name: the package's default placement is another strategy
+        c = domlora_config(scores, r=8, lora_alpha=16, budget=int(b * vanilla), strategy="page")
         plans[str(int(b * vanilla))] = plan_ranks(c, list(scores.modules))
     t0 = time.time()
     eva = eva_ranks(model, _probe_batches(data, cfg, pad_id), list(scores.modules))
