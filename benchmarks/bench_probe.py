@@ -184,6 +184,9 @@ def build_model(spec: dict) -> torch.nn.Module:
     if key in _MODELS:
         return _MODELS[key]
     _MODELS.clear()  # one model at a time: the sweeps go up to 1B parameters
+    from benchmarks import providers as P
+
+    P.TOKENIZERS.clear()  # by id(model): a freed model's id may come back for the next one
     gc.collect()
     if spec["model"] == "smollm2":
         from domlora_kernels.models import load_model
@@ -214,9 +217,6 @@ def build_model(spec: dict) -> torch.nn.Module:
         p.requires_grad_(False)
     _MODELS[key] = model
     if spec["model"] == "smollm2":
-        from benchmarks import providers as P
-
-        P.TOKENIZERS.clear()
         P.TOKENIZERS[id(model)] = tok  # the set providers read the shipped calibration set through it
     return model
 
@@ -402,19 +402,22 @@ def child_memory(job: dict) -> dict:
 
 # glibc raises its mmap threshold each time a large mmapped block is freed, so which later
 # allocations land on the heap (and how far the heap grows before it is trimmed) depends on the
-# order of earlier frees: two runs of the same provider peaked 2,501 and 2,934 MiB apart. With
-# the threshold fixed (at glibc's initial 128 KiB) a provider's peak repeats to the MiB and
-# measures its tensors, not the heap's history. The memory children run so unless told otherwise.
+# order of earlier frees: three fresh runs of the floor peaked at 2,487, 2,772 and 2,744 MiB
+# (benchmarks/results/memory_floor.txt). With the threshold fixed at glibc's initial 128 KiB a
+# provider's peak repeats within 2 MiB and measures its tensors, not the heap's history. The
+# memory children run so unless told otherwise.
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def measure_memory(point: dict, name: str, log=print, malloc: dict | None = None) -> dict:
     """Peak memory of one provider in a fresh process; ``malloc``: environment of glibc's
-    allocator for it (default :data:`FIXED_MALLOC`; ``{}``: the allocator as it is)."""
+    allocator for it (default :data:`FIXED_MALLOC`; ``{}``: glibc's defaults, no ``MALLOC_*``)."""
     job = {k: point[k] for k in ("spec", "batch", "tokens", "rank")}
     job["provider"] = name
     cmd = [sys.executable, "-m", "benchmarks.bench_probe", "--child", json.dumps(job)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if malloc is not None and not malloc:  # glibc's defaults: none of the parent's tunables either
+        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     env.update(FIXED_MALLOC if malloc is None else malloc)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
     for line in r.stdout.splitlines():
@@ -680,6 +683,8 @@ def plot() -> list[Path]:
 def run_workload(name: str, args, mems: list[dict]) -> dict:
     points = workloads()[name]
     m = machine()
+    if args.no_memory:
+        m["malloc_env_memory_children"] = None  # no memory children ran
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     warmup = args.warmup

@@ -4,7 +4,7 @@
     python -m benchmarks.memory_floor --repeats 5
 
 Each cell is a fresh process (``bench_probe.child_memory``: model loaded, one provider run, peak
-RSS over the loaded model). Two allocator settings: glibc as it is, and the mmap threshold fixed
+RSS over the loaded model). Two allocator settings: glibc's defaults (no ``MALLOC_*`` variable), and the mmap threshold fixed
 at 128 KiB (``bench_probe.FIXED_MALLOC``), which stops glibc from moving it after each large
 free. Peak memory is not moved by CPU load, so this can run beside other jobs. Output:
 ``benchmarks/results/memory_floor.txt`` and ``.json``.
@@ -20,7 +20,7 @@ import time
 from benchmarks import bench_probe as B
 
 POINT = {"spec": B.SMOLLM2, "batch": 8, "tokens": 128, "rank": 8, "label": "smollm2 B=8 T=128 r=8"}
-SETTINGS = {"glibc as it is": {}, "mmap threshold fixed at 128 KiB": B.FIXED_MALLOC}
+SETTINGS = {"glibc defaults": {}, "mmap threshold fixed at 128 KiB": B.FIXED_MALLOC}
 PROVIDERS = ("floor", "probe")
 
 
@@ -70,7 +70,9 @@ def main(argv=None) -> None:
     print(text)
     B.RESULTS.mkdir(parents=True, exist_ok=True)
     (B.RESULTS / "memory_floor.txt").write_text(text)
-    (B.RESULTS / "memory_floor.json").write_text(json.dumps({"machine": m, "point": POINT, "cells": cells}, indent=1))
+    m["malloc_env_memory_children"] = None  # per setting instead:
+    payload = {"machine": m, "point": POINT, "malloc_env": SETTINGS, "cells": cells}
+    (B.RESULTS / "memory_floor.json").write_text(json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def test_the_stopped_set_probe_reads_a_prefix_of_the_full_one_with_its_scores(mo
     assert _same_state(before, _state(model))
     f, s = full.outcome(), stopped.outcome()
     assert f["samples"] == f["of"] == P.ProbeSet.SET_BATCHES * ids.shape[0] and "stability" not in f
-    assert s["samples"] <= f["samples"] and s["samples"] % ids.shape[0] == 0 and 0 <= s["stability"] <= 1
+    # on these 24 random-id samples the top-1 is stable at the first check (16 samples)
+    assert s["samples"] < f["samples"] and s["samples"] % ids.shape[0] == 0 and s["stability"] >= 0.95
     # the stopped probe's scores are those of a probe given only the batches it read
     read = stopped._batches[: s["samples"] // ids.shape[0]]
     ref = page_scores(model, read, rank=RANK, estimator="fisher", progress=False)
@@ -199,10 +200,11 @@ def test_memory_children_run_with_the_allocator_fixed_unless_told(monkeypatch):
     monkeypatch.setattr(B.subprocess, "run", fake_run)
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     point = {"spec": B.SMOLLM2, "batch": 1, "tokens": 8, "rank": 2}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # a tunable of the caller's
     B.measure_memory(point, "floor")
     B.measure_memory(point, "floor", malloc={})
     assert seen[0]["MALLOC_MMAP_THRESHOLD_"] == B.FIXED_MALLOC["MALLOC_MMAP_THRESHOLD_"]
-    assert "MALLOC_MMAP_THRESHOLD_" not in seen[1]
+    assert not any(k.startswith("MALLOC_") for k in seen[1])  # glibc's defaults
 
 
 def test_memory_floor_table_gives_ratios_to_the_floor():
@@ -214,3 +216,4 @@ def test_memory_floor_table_gives_ratios_to_the_floor():
     text = M.table({"fixed": {"floor": runs(2000, 2000, 2002), "probe": runs(2020, 2021, 2020)}})
     row = next(line for line in text.splitlines() if " probe " in line)
     assert row.split()[-2:] == ["1.010", "1.013"]
+
