@@ -68,3 +68,17 @@ def test_an_input_changed_between_modules_is_projected_again(monkeypatch):
     for n in names:
         ref = torch.cat([a.per_sample[n] for a in alone], dim=1)
         assert rel_err(got.per_sample[n], ref) < 1e-12
+
+
+def test_both_cpu_layouts_of_the_projection_give_the_same_scores(monkeypatch):
+    model = tiny_model("llama", dtype=torch.float64)
+    x3 = torch.randn(2, 5, 32, dtype=torch.float64)
+    a = torch.randn(8, 32, dtype=torch.float64)
+    p = energies.project(x3, a)  # the transposed layout: a view of a [8, 10] product
+    assert p.shape == (2, 5, 8) and not p.is_contiguous() and rel_err(p, x3 @ a.T) < 1e-14
+    got = page_scores(model, BATCHES, rank=4, seed=[0, 1], progress=False)
+    monkeypatch.setattr(energies, "CPU_TRANSPOSED_PROJECTION", False)
+    assert energies.project(x3, a).is_contiguous()
+    plain = page_scores(model, BATCHES, rank=4, seed=[0, 1], progress=False)
+    for n in plain.scores:
+        assert rel_err(got.per_sample[n], plain.per_sample[n]) < 1e-12

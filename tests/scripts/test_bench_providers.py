@@ -217,3 +217,10 @@ def test_memory_floor_table_gives_ratios_to_the_floor():
     row = next(line for line in text.splitlines() if " probe " in line)
     assert row.split()[-2:] == ["1.010", "1.013"]
 
+
+def test_projection_layout_times_both_layouts_of_every_shape():
+    from benchmarks import projection_layout as L
+
+    res = L.run(rows=16, rounds=1, calls=1)
+    assert [(r["n"], r["c"]) for r in res] == L.SHAPES
+    assert all(set(r["median_ms"]) == {"X A^T", "(A X^T)^T"} and r["ratio"] > 0 for r in res)
