@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 import statistics
 
 import peft
@@ -224,3 +225,10 @@ def test_projection_layout_times_both_layouts_of_every_shape():
     res = L.run(rows=16, rounds=1, calls=1)
     assert [(r["n"], r["c"]) for r in res] == L.SHAPES
     assert all(set(r["median_ms"]) == {"X A^T", "(A X^T)^T"} and r["ratio"] > 0 for r in res)
+
+
+def test_benchmarks_is_this_repository_folder_even_beside_opacus():
+    # Opacus 1.6 installs a top-level `benchmarks` package; only a regular package here wins over it
+    import benchmarks
+
+    assert Path(benchmarks.__file__).resolve() == Path(B.__file__).resolve().parent / "__init__.py"
