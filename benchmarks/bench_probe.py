@@ -402,7 +402,7 @@ def child_memory(job: dict) -> dict:
 
 # glibc raises its mmap threshold each time a large mmapped block is freed, so which later
 # allocations land on the heap (and how far the heap grows before it is trimmed) depends on the
-# order of earlier frees: three fresh runs of the floor peaked at 2,487, 2,772 and 2,744 MiB
+# order of earlier frees: three fresh runs of the floor peaked at 2,745, 2,486 and 2,802 MiB
 # (benchmarks/results/memory_floor.txt). With the threshold fixed at glibc's initial 128 KiB a
 # provider's peak repeats within 2 MiB and measures its tensors, not the heap's history. The
 # memory children run so unless told otherwise.
