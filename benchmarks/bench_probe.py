@@ -112,9 +112,15 @@ DEFAULT_SLOW_ROUNDS = {"headline": SLOW_ROUNDS}
 SWEEP_SLOW_ROUNDS = 1
 
 
+# --providers: run only these of each point's providers (None: all of them)
+ONLY_PROVIDERS: list[str] | None = None
+
+
 def workloads() -> dict[str, list[dict]]:
     """name -> list of points; each point is a dict(spec, batch, tokens, rank, providers, memory, label)."""
     def pt(label, spec, b, t, r, providers=SWEEP_PROVIDERS, memory=True):
+        if ONLY_PROVIDERS is not None:
+            providers = [p for p in providers if p in ONLY_PROVIDERS]
         return {"label": label, "spec": spec, "batch": b, "tokens": t, "rank": r, "providers": providers, "memory": memory}
 
     return {
@@ -715,6 +721,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--suffix", default="", help="appended to the results file names (headline<suffix>.json)")
+    ap.add_argument("--providers", help="comma-separated: run only these providers of each point (probe among them), "
+                                        "e.g. probe,floor for more rounds of the ratio that matters")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
@@ -727,6 +735,15 @@ def main(argv=None) -> int:
         for p in plot():
             print(f"wrote {p.relative_to(ROOT)}")
         return 0
+    if args.providers:
+        global ONLY_PROVIDERS
+        from benchmarks import providers as P
+
+        ONLY_PROVIDERS = args.providers.split(",")
+        unknown = [n for n in ONLY_PROVIDERS if n not in P.PROVIDERS]
+        if unknown or BASELINE not in ONLY_PROVIDERS:
+            ap.error(f"--providers: {'unknown ' + ', '.join(unknown) if unknown else 'must include ' + BASELINE}; "
+                     f"choose from {', '.join(P.PROVIDERS)}")
     t0 = time.perf_counter()
     names = ["tokens", "batch", "rank", "width", "moe", "headline"] if args.workload == "all" else args.workload.split(",")
     bad = [n for n in names if n not in workloads()]

@@ -232,3 +232,13 @@ def test_benchmarks_is_this_repository_folder_even_beside_opacus():
     import benchmarks
 
     assert Path(benchmarks.__file__).resolve() == Path(B.__file__).resolve().parent / "__init__.py"
+
+
+def test_providers_option_keeps_only_the_named_providers(monkeypatch, capsys):
+    monkeypatch.setattr(B, "ONLY_PROVIDERS", ["probe", "floor"])
+    (point,) = B.workloads()["headline"]
+    assert point["providers"] == ["probe", "floor"]
+    for bad in ("floor", "probe,bogus"):
+        with pytest.raises(SystemExit):
+            B.main(["--providers", bad])
+    assert "must include probe" in capsys.readouterr().err
