@@ -739,11 +739,12 @@ def main(argv=None) -> int:
         global ONLY_PROVIDERS
         from benchmarks import providers as P
 
-        ONLY_PROVIDERS = args.providers.split(",")
-        unknown = [n for n in ONLY_PROVIDERS if n not in P.PROVIDERS]
-        if unknown or BASELINE not in ONLY_PROVIDERS:
+        only = args.providers.split(",")
+        unknown = [n for n in only if n not in P.PROVIDERS]
+        if unknown or BASELINE not in only:
             ap.error(f"--providers: {'unknown ' + ', '.join(unknown) if unknown else 'must include ' + BASELINE}; "
                      f"choose from {', '.join(P.PROVIDERS)}")
+        ONLY_PROVIDERS = only
     t0 = time.perf_counter()
     names = ["tokens", "batch", "rank", "width", "moe", "headline"] if args.workload == "all" else args.workload.split(",")
     bad = [n for n in names if n not in workloads()]

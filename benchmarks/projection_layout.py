@@ -55,36 +55,15 @@ def run(rows: int, rounds: int, calls: int) -> list[dict]:
 
 
 def run_probe(rounds: int) -> dict:
-    """Median seconds of the probe in each layout and of the floor, rounds interleaved (rotating order)."""
+    """The probe in each layout and the floor on SmolLM2, interleaved by the harness (one warm-up round)."""
     from benchmarks import providers as P
-    from domlora_kernels import page_scores
-    from domlora_kernels.probe import energies
 
     model = B.build_model(B.SMOLLM2)
     ids = B.make_ids(model, 8, 128)
-    floor = P.PROVIDERS["floor"](model, ids, 8)
-    floor.prepare()
-    scores = {}
-
-    def probe(transposed: bool):
-        before = energies.CPU_TRANSPOSED_PROJECTION
-        energies.CPU_TRANSPOSED_PROJECTION = transposed
-        try:
-            scores[transposed] = page_scores(model, [{"input_ids": ids}], rank=8, progress=False)
-        finally:
-            energies.CPU_TRANSPOSED_PROJECTION = before
-
-    jobs = {"probe, X A^T": lambda: probe(False), "probe, (A X^T)^T": lambda: probe(True), "floor": floor.run}
-    names = list(jobs)
-    times = {n: [] for n in names}
-    for r in range(rounds + 1):  # round 0 warms up
-        for n in names[r % 3:] + names[: r % 3]:
-            t = time.perf_counter()
-            jobs[n]()
-            if r:
-                times[n].append(time.perf_counter() - t)
-    err = max(abs(scores[True].scores[k] / scores[False].scores[k] - 1) for k in scores[False].scores)
-    return {"times_s": times, "median_s": {n: statistics.median(v) for n, v in times.items()}, "max_rel_diff": err}
+    names = ["probe-xat", "probe", "floor"]
+    times, energies, _ = B.time_providers(model, ids, 8, names, 1, rounds, log=lambda *a, **k: None)
+    return {"times_s": times, "median_s": {n: statistics.median(times[n]) for n in names},
+            "max_rel_diff": P.rel_err(energies["probe"], energies["probe-xat"])}
 
 
 def main(argv=None) -> None:
@@ -109,7 +88,8 @@ def main(argv=None) -> None:
         med, f = p["median_s"], p["median_s"]["floor"]
         lines += ["", f"the whole probe, SmolLM2-135M B=8 T=128 r=8, {args.rounds} interleaved rounds (+1 warm-up), "
                       f"PAGE of the two layouts within {p['max_rel_diff']:.1e} relative:"]
-        lines += [f"  {n:<18} median {v:.3f} s  x floor {v / f:.3f}" for n, v in med.items()]
+        label = {"probe-xat": "probe, X A^T", "probe": "probe, (A X^T)^T", "floor": "floor"}
+        lines += [f"  {label[n]:<18} median {v:.3f} s  x floor {v / f:.3f}" for n, v in med.items()]
         per = [f"{a / c:.3f}/{b / c:.3f}" for a, b, c in zip(*(p["times_s"][n] for n in med))]
         lines.append("  per round, X A^T / (A X^T)^T against the floor: " + ", ".join(per))
     text = "\n".join(lines) + "\n"

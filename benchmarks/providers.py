@@ -115,6 +115,23 @@ class Probe(Provider):
         return {n: t[0] for n, t in s.per_sample.items()}
 
 
+class ProbePlainLayout(Probe):
+    """The probe with its CPU projection computed as ``X A^T`` instead of ``(A X^T)^T``
+    (``energies.CPU_TRANSPOSED_PROJECTION``): the comparison benchmarks/projection_layout.py makes."""
+
+    name = "probe-xat"
+
+    def run(self) -> Energies:
+        from domlora_kernels.probe import energies
+
+        before = energies.CPU_TRANSPOSED_PROJECTION
+        energies.CPU_TRANSPOSED_PROJECTION = False
+        try:
+            return super().run()
+        finally:
+            energies.CPU_TRANSPOSED_PROJECTION = before
+
+
 class ProbeExpected(Probe):
     """``page_scores(projection="expected")``: E_A ||G_b A^T||^2 = r/(3n) ||G_b||^2, the
     quantity Opacus' ghost norms give too."""
@@ -510,7 +527,7 @@ class LoraStep(Provider):
 
 
 PROVIDERS: dict[str, Callable[..., Provider]] = {
-    p.name: p for p in (Probe, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus, Eva, KappaTune,
+    p.name: p for p in (Probe, ProbePlainLayout, Floor, Autograd, AutogradPerSample, TorchFunc, ProbeExpected, Opacus, Eva, KappaTune,
                         StrategyAdam, StrategyHeldout, StrategyPilot, LoraStep, ProbeSet, ProbeStopped)
 }
 

@@ -36,7 +36,8 @@ from typing import Any
 
 from ..scores import PageScores
 from .budget import budget_params, density_order, kept_scaling_alpha, plan_budget, rank_unit, vanilla_lora_params
-from .strategies import BUDGET_ONLY, SIGNAL_OF, plan_strategy, plop_threshold, resolve, signal_values, top_by_signal
+from .strategies import (BUDGET_ONLY, SIGNAL_OF, plan_strategy, plop_then_types_rule, resolve, signal_values,
+                         top_by_signal)
 
 VARIANTS = ("lora", "dora", "rslora", "adalora")
 
@@ -364,8 +365,7 @@ def _strategy_plan(plan: Plan, scores: PageScores, candidates: list[str], rank_p
     params = budget_params(budget, vanilla_lora_params(scores, plan.r))
     ranks = plan_strategy(scores, s, candidates, plan.r, params, dora=plan.variant == "dora")
     if s == "plop+types":
-        plan.plop_threshold = plop_threshold(scores, candidates, plan.variant == "dora")
-        plan.planned_by = "plop" if plan.plop_threshold is not None and plan.plop_threshold <= params else "types"
+        plan.planned_by, plan.plop_threshold = plop_then_types_rule(scores, candidates, params, plan.variant == "dora")
     if not ranks:
         raise ValueError(f"a budget of {params:,} parameters buys no adapter by strategy {s!r} (see "
                          f"domlora_kernels.placement.strategies for its rule); raise the budget or choose another strategy")

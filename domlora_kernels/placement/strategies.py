@@ -224,10 +224,17 @@ def plop_threshold(scores: PageScores, candidates: list[str], dora: bool = False
     return sum(_unit(scores, n, 1, dora) for n in names) if names else None
 
 
+def plop_then_types_rule(scores: PageScores, candidates: list[str], budget: int,
+                         dora: bool = False) -> tuple[str, int | None]:
+    """Which rule ``"plop+types"`` plans ``budget`` by, ``"plop"`` or ``"types"``, and PLoP's threshold."""
+    need = plop_threshold(scores, candidates, dora)
+    return ("plop" if need is not None and need <= budget else "types"), need
+
+
 def _plop_then_types(scores: PageScores, candidates: list[str], r: int, budget: int, dora: bool) -> dict[str, int]:
     """The ``"plop+types"`` rule; below PLoP's threshold its error says what the threshold is."""
-    need = plop_threshold(scores, candidates, dora)
-    if need is not None and need <= budget:
+    rule, need = plop_then_types_rule(scores, candidates, budget, dora)
+    if rule == "plop":
         return plan_plop(scores, candidates, r, budget, dora)
     if SIGNAL_OF["types"] not in scores.signals:
         why = (f"PLoP's types (v/o/down on every layer at rank 1) need {need:,} parameters and the budget is "

@@ -242,3 +242,11 @@ def test_providers_option_keeps_only_the_named_providers(monkeypatch, capsys):
         with pytest.raises(SystemExit):
             B.main(["--providers", bad])
     assert "must include probe" in capsys.readouterr().err
+
+
+def test_the_plain_layout_probe_gives_the_probe_energies_and_restores_the_layout(model, ids):
+    from domlora_kernels.probe import energies
+
+    got = P.PROVIDERS["probe-xat"](model, ids, RANK).run()
+    assert energies.CPU_TRANSPOSED_PROJECTION is True
+    assert P.rel_err(got, P.PROVIDERS["probe"](model, ids, RANK).run()) < 1e-5
