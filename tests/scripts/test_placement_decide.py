@@ -81,7 +81,13 @@ def test_confirmation_reports_each_peer_and_is_incomplete_until_the_default_ran(
     assert cell["best_peer"] == "eva"
     assert cell["delta"]["eva"][0] == pytest.approx(0.1, abs=0.01)
     assert cell["delta"]["lora_all"][0] == pytest.approx(-0.4, abs=0.01)
-    assert c["confirmed"]
+    # ahead of every peer that finished, but a cell with peers still running is not judged complete
+    assert cell["pending"] == ["kappatune", "shallow_down", "page_top1", "page_budget"]  # plop_vod: no fit at 0.7%
+    assert not c["complete"] and not c["confirmed"]
+    assert "Still to finish here" in "\n".join(decide.confirmation_lines(c))
+    _write(tmp_path, "q", "t", {"kappatune": 0.9, "shallow_down": 0.8, "page_top1": 0.4, "page_budget": 0.6})
+    c = decide.confirm(tmp_path, [decide.Cell("q", "t", "0.007")], "types")
+    assert c["cells"]["q t 0.7%"]["pending"] == [] and c["complete"] and c["confirmed"]
 
 
 def test_bad_cells_say_what_is_expected(tmp_path):
@@ -122,7 +128,8 @@ def test_the_package_evidence_is_the_committed_decisions():
 
 
 def test_a_confirmation_cell_whose_peers_tie_is_excluded_unless_it_is_the_design_task(tmp_path):
-    ties = {"eva": 1.0, "random_module": 1.0, "types": 1.2}
+    ties = {p: 1.0 for p in ("eva", "random_module", "kappatune", "shallow_down", "page_top1", "page_budget",
+                             "lora_all")} | {"types": 1.2}
     _write(tmp_path, "q", "chat", ties)
     _write(tmp_path, "q", "instruction", ties)
     c = decide.confirm(tmp_path, [decide.Cell("q", "chat", "0.007"), decide.Cell("q", "instruction", "0.007")], "types")

@@ -173,17 +173,26 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
             continue
         bp = best_peer({k: v for k, v in drops.items() if k != arm})
         table[str(c)] = {"default_arm": arm, "best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
-                         "delta": {a: report.paired_ci(drops[arm], drops[a]) for a in drops if a != arm}}
+                         "delta": {a: report.paired_ci(drops[arm], drops[a]) for a in drops if a != arm},
+                         "pending": [a for a in expected_arms(root, c) if a != arm and a not in drops]}
     counted = [t for t in table.values() if not t.get("excluded")]
     done = [t for t in counted if not t.get("missing") and t["best_peer"]]
+    out_complete = bool(counted) and len(done) == len(counted) and not any(t["pending"] for t in done)
     margins = [t["delta"][t["best_peer"]] for t in done]
     out = {"default": default if isinstance(default, str) else default["default"], "cells": table,
-           "complete": bool(counted) and len(done) == len(counted)}
+           "complete": out_complete}
     if margins:
         out["mean_margin_vs_best_peer"] = float(np.mean([m[0] for m in margins]))
         out["confirmed"] = (out["complete"] and out["mean_margin_vs_best_peer"] >= 0
                             and all(m[2] >= 0 for m in margins))
     return out
+
+
+def expected_arms(root: Path, cell: Cell) -> list[str]:
+    """Every arm a finished confirmation cell has: the peers (PLoP's types where they fit the
+    budget), PAGE's budget plan (the paper's rule) and vanilla LoRA. A cell missing any of them is reported, not yet judged complete."""
+    fits = plop_fits(root, cell)
+    return [p for p in PEERS if p != "plop_vod" or fits] + ["page_budget", "lora_all"]
 
 
 def separation(root: Path, cells: list[Cell]) -> dict:
@@ -302,10 +311,13 @@ def confirmation_lines(c: dict) -> list[str]:
         lines += [f"| {a} | {t['drop'][a]:.3f} | {_ci(dl)} |" for a, dl in sorted(t["delta"].items(),
                                                                                    key=lambda x: -t["drop"][x[0]])]
         lines.append("")
+        if t.get("pending"):
+            lines += [f"Still to finish here (so the best peer may change): {', '.join(t['pending'])}.", ""]
     if "mean_margin_vs_best_peer" in c:
         verdict = ("criterion met" if c["confirmed"] else "criterion not met") if c["complete"] else "incomplete"
         n = len(c["cells"])
-        lines.append(f"Mean margin against each cell's best peer, over these {n} cell{'s' * (n > 1)}: "
+        over = "this cell" if n == 1 else f"these {n} cells"
+        lines.append(f"Mean margin against each cell's best peer, over {over}: "
                      f"{c['mean_margin_vs_best_peer']:+.3f}; {verdict} on them (the protocol's verdict pools every "
                      f"confirmation cell).")
     return lines
