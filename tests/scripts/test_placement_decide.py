@@ -74,7 +74,7 @@ def test_an_arm_short_of_seeds_is_not_counted(tmp_path):
 def test_confirmation_reports_each_peer_and_is_incomplete_until_the_default_ran(tmp_path):
     _write(tmp_path, "q", "t", {"eva": 1.0, "random_module": 0.5, "lora_all": 1.5})
     c = decide.confirm(tmp_path, [decide.Cell("q", "t", "0.007")], "types")
-    assert c["cells"]["q t 0.7%"]["missing"] and not c["complete"] and "confirmed" not in c
+    assert c["cells"]["q t 0.7%"]["missing"] and not c["complete"] and "criterion_met" not in c
     _write(tmp_path, "q", "t", {"types": 1.1})
     c = decide.confirm(tmp_path, [decide.Cell("q", "t", "0.007")], "types")
     cell = c["cells"]["q t 0.7%"]
@@ -83,11 +83,11 @@ def test_confirmation_reports_each_peer_and_is_incomplete_until_the_default_ran(
     assert cell["delta"]["lora_all"][0] == pytest.approx(-0.4, abs=0.01)
     # ahead of every peer that finished, but a cell with peers still running is not judged complete
     assert cell["pending"] == ["kappatune", "shallow_down", "page_top1", "page_budget"]  # plop_vod: no fit at 0.7%
-    assert not c["complete"] and not c["confirmed"]
+    assert not c["complete"] and not c["criterion_met"]
     assert "Still to finish here" in "\n".join(decide.confirmation_lines(c))
     _write(tmp_path, "q", "t", {"kappatune": 0.9, "shallow_down": 0.8, "page_top1": 0.4, "page_budget": 0.6})
     c = decide.confirm(tmp_path, [decide.Cell("q", "t", "0.007")], "types")
-    assert c["cells"]["q t 0.7%"]["pending"] == [] and c["complete"] and c["confirmed"]
+    assert c["cells"]["q t 0.7%"]["pending"] == [] and c["complete"] and c["criterion_met"]
 
 
 def test_bad_cells_say_what_is_expected(tmp_path):
@@ -134,6 +134,10 @@ def test_a_confirmation_cell_whose_peers_tie_is_excluded_unless_it_is_the_design
     _write(tmp_path, "q", "instruction", ties)
     c = decide.confirm(tmp_path, [decide.Cell("q", "chat", "0.007"), decide.Cell("q", "instruction", "0.007")], "types")
     assert c["cells"]["q chat 0.7%"]["excluded"] and not c["cells"]["q instruction 0.7%"].get("excluded")
-    assert c["complete"] and c["confirmed"]  # on the one cell that counts
+    assert c["complete"] and c["criterion_met"]  # on the one cell that counts
     text = "\n".join(decide.confirmation_lines(c))
     assert "Excluded: the peers do not separate placements here" in text
+    _write(tmp_path, "r", "chat", {"eva": 1.0, "random_module": 0.5, "types": 1.2})
+    c = decide.confirm(tmp_path, [decide.Cell("r", "chat", "0.007")], "types")
+    assert c["cells"]["r chat 0.7%"]["separation"]["separates"]  # the gate is recorded with the cell
+    assert "Separation (best peer − worst peer" in "\n".join(decide.confirmation_lines(c))

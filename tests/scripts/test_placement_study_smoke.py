@@ -293,3 +293,4 @@ def test_status_names_the_arms_short_of_seeds_however_many_runs_there_are():
     assert text.startswith("PARTIAL: 1 of 3 planned budget arms")
     assert "t b@0.007 (1 of 3 seeds)" in text and "t c@0.05 (0 of 3 seeds)" in text
     assert status_line(runs, picks, 99, 10, cells[:1], 3).startswith("complete: all 1 planned")
+    assert status_line(runs, picks, 99, 10, [], 3).startswith("no budget arms planned")  # never "complete: all 0"

@@ -175,6 +175,8 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
         table[str(c)] = {"default_arm": arm, "best_peer": bp, "drop": {a: mean_drop(d) for a, d in drops.items()},
                          "delta": {a: report.paired_ci(drops[arm], drops[a]) for a in drops if a != arm},
                          "pending": [a for a in expected_arms(root, c) if a != arm and a not in drops]}
+        if str(c) in sep:  # recorded: the gate that let this cell count
+            table[str(c)]["separation"] = sep[str(c)]
     counted = [t for t in table.values() if not t.get("excluded")]
     done = [t for t in counted if not t.get("missing") and t["best_peer"]]
     out_complete = bool(counted) and len(done) == len(counted) and not any(t["pending"] for t in done)
@@ -183,7 +185,8 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
            "complete": out_complete}
     if margins:
         out["mean_margin_vs_best_peer"] = float(np.mean([m[0] for m in margins]))
-        out["confirmed"] = (out["complete"] and out["mean_margin_vs_best_peer"] >= 0
+        # the criterion on these cells; the protocol's verdict is this over every confirmation cell
+        out["criterion_met"] = (out["complete"] and out["mean_margin_vs_best_peer"] >= 0
                             and all(m[2] >= 0 for m in margins))
     return out
 
@@ -311,14 +314,18 @@ def confirmation_lines(c: dict) -> list[str]:
         lines += [f"| {a} | {t['drop'][a]:.3f} | {_ci(dl)} |" for a, dl in sorted(t["delta"].items(),
                                                                                    key=lambda x: -t["drop"][x[0]])]
         lines.append("")
+        if t.get("separation"):
+            sp = t["separation"]
+            lines += [f"Separation (best peer − worst peer, over the peers finished now): {sp['best']} − {sp['worst']} = "
+                      f"{_ci(sp['delta'])}.", ""]
         if t.get("pending"):
             lines += [f"Still to finish here (so the best peer may change): {', '.join(t['pending'])}.", ""]
     if "mean_margin_vs_best_peer" in c:
-        verdict = ("criterion met" if c["confirmed"] else "criterion not met") if c["complete"] else "incomplete"
+        verdict = ("criterion met" if c["criterion_met"] else "criterion not met") if c["complete"] else "incomplete"
         n = len(c["cells"])
         over = "this cell" if n == 1 else f"these {n} cells"
         lines.append(f"Mean margin against each cell's best peer, over {over}: "
-                     f"{c['mean_margin_vs_best_peer']:+.3f}; {verdict} on them (the protocol's verdict pools every "
+                     f"{c['mean_margin_vs_best_peer']:+.3f}; {verdict} there (the protocol's verdict pools every "
                      f"confirmation cell).")
     return lines
 
