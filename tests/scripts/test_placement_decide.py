@@ -141,3 +141,14 @@ def test_a_confirmation_cell_whose_peers_tie_is_excluded_unless_it_is_the_design
     c = decide.confirm(tmp_path, [decide.Cell("r", "chat", "0.007")], "types")
     assert c["cells"]["r chat 0.7%"]["separation"]["separates"]  # the gate is recorded with the cell
     assert "Separation (best peer − worst peer" in "\n".join(decide.confirmation_lines(c))
+
+
+def test_confirm_cli_plots_the_default_against_each_arm(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write(tmp_path, "q", "t", {"eva": 1.0, "random_module": 0.5, "lora_all": 1.5, "types": 1.1})
+    decide.main(["confirm", "--default", "types", "--cells", "q:t:0.007", "--root", str(tmp_path)])
+    png = tmp_path / "confirmation.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    decide.main(["confirm", "--default", "types", "--cells", "q:t:0.007", "--root", str(tmp_path), "--no-plot"])
+    assert not png.exists()

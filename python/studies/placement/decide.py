@@ -17,7 +17,8 @@ Usage, from the repository root:
     python -m python.studies.placement.decide arm --cells smollm2:chat:0.05   # the default's arm there
 
 Each writes a markdown table and a JSON of every number next to the study's results
-(``decision.md`` / ``decision.json``, ``confirmation.md`` / ``confirmation.json``).
+(``decision.md`` / ``decision.json``, ``confirmation.md`` / ``confirmation.json``, and for
+``confirm`` a plot of the default's differences with their CIs, ``confirmation.png``).
 """
 
 from __future__ import annotations
@@ -330,6 +331,32 @@ def confirmation_lines(c: dict) -> list[str]:
     return lines
 
 
+def plot_confirmation(c: dict, path: Path) -> Path | None:
+    """``confirmation.png``: per counted cell, the default's loss drop minus each other arm's, with
+    its 95% CI (right of 0: the default learned more); the cell's best peer in red, vanilla LoRA
+    in grey."""
+    cells = {k: t for k, t in c["cells"].items() if t.get("delta")}
+    if not cells:
+        return None
+    plt = report._pyplot()
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.6 * len(cells), 0.9 + 0.3 * max(len(t["delta"]) for t in cells.values())),
+                             squeeze=False)
+    for ax, (k, t) in zip(axes[0], cells.items()):
+        arms = sorted(t["delta"], key=lambda a: t["delta"][a][0])
+        for y, a in enumerate(arms):
+            est, lo, hi = t["delta"][a]
+            color = "tab:red" if a == t["best_peer"] else "grey" if a == "lora_all" else "tab:blue"
+            ax.errorbar(est, y, xerr=[[est - lo], [hi - est]], fmt="o", color=color, ms=4, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.locator_params(axis="x", nbins=4)
+        ax.set_yticks(range(len(arms)))
+        ax.set_yticklabels(["vanilla LoRA" if a == "lora_all" else a for a in arms], fontsize=8)
+        ax.set_xlabel(f"{t['default_arm']} minus the arm: held-out loss drop, 95% CI", fontsize=8)
+        title = k + (" (still running: " + ", ".join(t["pending"]) + ")" if t.get("pending") else "")
+        ax.set_title(title, fontsize=8, wrap=True)
+    return report._save(plt, fig, path)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("decide", "confirm", "separation", "arm", "evidence"))
@@ -337,6 +364,7 @@ def main(argv=None) -> None:
     ap.add_argument("--default", help="confirm: an arm name (e.g. types); default: the committed decision.json")
     ap.add_argument("--root", type=Path, default=Path("python/results/placement"), help="the study's results")
     ap.add_argument("--out", type=Path, help="where decision/confirmation .md and .json go (default: --root)")
+    ap.add_argument("--no-plot", action="store_true", help="confirm: skip confirmation.png (matplotlib)")
     a = ap.parse_args(argv)
     cells = [Cell.parse(x) for x in a.cells.split(",") if x]
     if not cells and a.what != "evidence":
@@ -386,6 +414,8 @@ def main(argv=None) -> None:
     out = a.out or a.root
     write_text_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
     write_text_atomic(out / f"{name}.json", json.dumps(d, indent=1, default=float))
+    if name == "confirmation" and not a.no_plot:
+        plot_confirmation(d, out / "confirmation.png")
     print("\n".join(lines))
 
 
