@@ -266,8 +266,13 @@ def evidence(decision: dict) -> dict:
             "(python/results/placement/decision.json)", "strategies": lines}
 
 
-def _ci(t) -> str:
-    return report._fmt(tuple(t))
+def _ci(t, digits: int = 3) -> str:
+    return report._fmt(tuple(t), digits)
+
+
+# Confirmation tables print four decimals: on a task that nearly saturates the differences are
+# a few thousandths, which three decimals would round to 0.000.
+CONFIRM_DIGITS = 4
 
 
 def decision_lines(d: dict) -> list[str]:
@@ -301,7 +306,7 @@ def confirmation_lines(c: dict) -> list[str]:
     for k, t in c["cells"].items():
         if t.get("excluded"):
             sp = t["separation"]
-            why = (f"{sp['best']} − {sp['worst']} = {_ci(sp['delta'])}" if sp.get("best") else
+            why = (f"{sp['best']} − {sp['worst']} = {_ci(sp['delta'], CONFIRM_DIGITS)}" if sp.get("best") else
                    f"fewer than two peers with all seeds ({', '.join(sp['peers']) or 'none'})")
             lines += [f"## {k}", "", f"Excluded: the peers do not separate placements here ({why}).", ""]
             continue
@@ -310,15 +315,15 @@ def confirmation_lines(c: dict) -> list[str]:
             lines += [f"## {k}", "", f"The default (arm `{t['default_arm']}`) has no finished runs here yet (arms "
                       f"with all seeds: {have}).", ""]
             continue
-        lines += [f"## {k}", "", f"Default's arm: `{t['default_arm']}` ({t['drop'][t['default_arm']]:.3f}); best peer: "
+        lines += [f"## {k}", "", f"Default's arm: `{t['default_arm']}` ({t['drop'][t['default_arm']]:.4f}); best peer: "
                   f"{t['best_peer']}.", "", "| other arm | its loss drop | default − it [95% CI] |", "|---|---:|---|"]
-        lines += [f"| {a} | {t['drop'][a]:.3f} | {_ci(dl)} |" for a, dl in sorted(t["delta"].items(),
+        lines += [f"| {a} | {t['drop'][a]:.4f} | {_ci(dl, CONFIRM_DIGITS)} |" for a, dl in sorted(t["delta"].items(),
                                                                                    key=lambda x: -t["drop"][x[0]])]
         lines.append("")
         if t.get("separation"):
             sp = t["separation"]
             lines += [f"Separation (best peer − worst peer, over the peers finished now): {sp['best']} − {sp['worst']} = "
-                      f"{_ci(sp['delta'])}.", ""]
+                      f"{_ci(sp['delta'], CONFIRM_DIGITS)}.", ""]
         if t.get("pending"):
             lines += [f"Still to finish here (so the best peer may change): {', '.join(t['pending'])}.", ""]
     if "mean_margin_vs_best_peer" in c:
@@ -326,7 +331,7 @@ def confirmation_lines(c: dict) -> list[str]:
         n = len(c["cells"])
         over = "this cell" if n == 1 else f"these {n} cells"
         lines.append(f"Mean margin against each cell's best peer, over {over}: "
-                     f"{c['mean_margin_vs_best_peer']:+.3f}; {verdict} there (the protocol's verdict pools every "
+                     f"{c['mean_margin_vs_best_peer']:+.4f}; {verdict} there (the protocol's verdict pools every "
                      f"confirmation cell).")
     return lines
 
