@@ -266,6 +266,16 @@ def test_budget_arms_select_a_subset_and_unknown_arms_are_refused(tmp_path, caps
         assert len(val) == grid, budgets
     assert len(two) == base_runs + (2 + 1) * (4 + 3)  # shallow_down at 2 budgets, lora_qv once
     assert len(every) > len(two)
+    # ARM@BUDGET: that arm at that budget only (the confirmation's default arm differs by budget)
+    one = ps.plan_runs(ps.Cfg(family="smollm2", out=tmp_path, budget_arms=["shallow_down@0.05", "lora_qv"], **base))
+    assert len(one) == base_runs + (1 + 1) * (4 + 3)
+    assert {label for _, label in ps.planned_cells(ps.Cfg(family="smollm2", out=tmp_path,
+                                                          budget_arms=["shallow_down@0.05"], **base))} == {"shallow_down@0.05"}
+    assert ps.parse(["--budget-arms", "types@0.007,eva"])[0].budget_arms == ["types@0.007", "eva"]
+    for wrong in ("types@small", "lora_all@0.05", "bogus@0.05"):  # lora_all has no budget
+        with pytest.raises(SystemExit):
+            ps.parse(["--budget-arms", wrong])
+        assert f"unknown ['{wrong}']" in capsys.readouterr().err
 
 
 def test_two_processes_append_to_one_runs_file_without_mixing_lines(tmp_path):

@@ -36,6 +36,7 @@ budget --budget-arms=
 declare -A QUEUE_A=([0.007]="random_module kappatune page_budget" [0.05]="plop_vod kappatune random_module page_budget")
 declare -A QUEUE_B=([0.007]="eva shallow_down lora_all page_top1" [0.05]="eva shallow_down page_top1")
 cells=()
+defaults=()  # ARM@BUDGET of each default arm run: the report plans it at that budget only
 for b in "${BUDGETS[@]}"; do
     cell="$FAMILY:$TASK:$b"
     cells+=("$cell")
@@ -54,7 +55,8 @@ for b in "${BUDGETS[@]}"; do
     fi
     arm=$("$PY" "${DECIDE[@]}" arm --cells "$cell")
     queue "$arm:$b"
+    defaults+=("$arm@$b")
 done
-arms="random_module,kappatune,page_budget,plop_vod,eva,shallow_down,lora_all,page_top1,$("$PY" "${DECIDE[@]}" arm --cells "$(IFS=,; echo "${cells[*]}")" | paste -sd,)"
+arms="random_module,kappatune,page_budget,plop_vod,eva,shallow_down,lora_all,page_top1$(if ((${#defaults[@]})); then printf ',%s' "${defaults[@]}"; fi)"
 "$PY" "${STUDY[@]}" --stage report --tasks "$TASK" --budget-tasks "$TASK" --budget-arms "$arms"
 "$PY" "${DECIDE[@]}" confirm --cells "$(IFS=,; echo "${cells[*]}")" --out "python/results/placement/$FAMILY"

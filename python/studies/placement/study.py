@@ -856,6 +856,19 @@ def measure(base, render: Render, data: dict, cfg: Cfg, log) -> dict:
 
 
 # ------------------------------------------------------------------------------- plan
+def _known_arm(entry: str) -> bool:
+    """An entry of ``--budget-arms``: an arm at every budget, or ``ARM@BUDGET`` (a budgeted arm at one
+    of ``--budgets`` only, e.g. ``types@0.007``)."""
+    arm, at, budget = entry.partition("@")
+    if not at:
+        return arm in BUDGET_ARMS + REFERENCE_ARMS
+    try:
+        float(budget)
+    except ValueError:
+        return False
+    return arm in BUDGET_ARMS
+
+
 def budget_plans(cfg: Cfg, pred: dict, decisions: dict | None) -> list[tuple[str, dict | str]]:
     """``(label, plan)`` of each budget arm and reference of ``cfg``: ``{module: rank}``, or why the
     arm has no plan at that budget. Before ``--stage budget`` has computed them (``decisions``
@@ -865,7 +878,7 @@ def budget_plans(cfg: Cfg, pred: dict, decisions: dict | None) -> list[tuple[str
     out = [(f"{a}@{b:g}", budget_arm(a, pred, int(b * vanilla), decisions)
             if decisions or a not in ("page_budget", "eva", "kappatune") + STRATEGY_ARMS
             else {"?": max(1, int(b * vanilla // mean_unit))}) for b in cfg.budgets for a in BUDGET_ARMS
-           if a in cfg.budget_arms]
+           if a in cfg.budget_arms or f"{a}@{b:g}" in cfg.budget_arms]  # ARM@BUDGET: that budget only
     return out + [(a, budget_arm(a, pred, vanilla, decisions)) for a in REFERENCE_ARMS if a in cfg.budget_arms]
 
 
@@ -1016,7 +1029,8 @@ def run_stages(cfg: Cfg, stages: list[str]) -> None:
             stage_core(ctx)
         if "budget" in stages and task in cfg.budget_tasks:
             decisions = decisions_for(base, pred, data, cfg, tok.pad_token_id, task, log)
-            if not cfg.budget_arms or any(a in cfg.budget_arms for a in STRATEGY_ARMS):  # [] = decisions only
+            named = {a.partition("@")[0] for a in cfg.budget_arms}
+            if not cfg.budget_arms or any(a in named for a in STRATEGY_ARMS):  # [] = decisions only
                 decisions = {**decisions, **strategy_decisions(base, pred, data, cfg, tok.pad_token_id, task, log)}
             stage_budget(ctx, decisions)
     log(f"stages {stages} of {cfg.family} done")
@@ -1053,12 +1067,13 @@ def parse(argv=None) -> tuple[Cfg, list[str], bool]:
     ap.add_argument("--lr-multi", type=float, default=Cfg.lr_multi, help="lowest grid rate of the wide budget arms")
     ap.add_argument("--budgets", type=_csv(float), default=[0.007, 0.05], help="fractions of vanilla LoRA r=8")
     ap.add_argument("--budget-arms", type=_csv(str), default=list(BUDGET_ARMS + REFERENCE_ARMS),
-                    help="the arms of the budget stage (default all); disjoint subsets let processes share the stage")
+                    help="the arms of the budget stage (default all); ARM@BUDGET: that arm at that budget only; "
+                         "disjoint subsets let processes share the stage")
     a = ap.parse_args(argv)
     stages = list(STAGES) if a.stage == ["all"] else a.stage
     bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks + a.core_tasks + a.budget_tasks
                                                           if t not in study_tasks.TASKS]
-    bad += [arm for arm in a.budget_arms if arm not in BUDGET_ARMS + REFERENCE_ARMS]
+    bad += [arm for arm in a.budget_arms if not _known_arm(arm)]
     if bad:
         ap.error(f"unknown {bad}; stages: {', '.join(STAGES)}; tasks: {', '.join(study_tasks.TASKS)}; "
                  f"budget arms: {', '.join(BUDGET_ARMS + REFERENCE_ARMS)}")
