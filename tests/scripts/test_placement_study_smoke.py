@@ -272,7 +272,8 @@ def test_budget_arms_select_a_subset_and_unknown_arms_are_refused(tmp_path, caps
     assert {label for _, label in ps.planned_cells(ps.Cfg(family="smollm2", out=tmp_path,
                                                           budget_arms=["shallow_down@0.05"], **base))} == {"shallow_down@0.05"}
     assert ps.parse(["--budget-arms", "types@0.007,eva"])[0].budget_arms == ["types@0.007", "eva"]
-    for wrong in ("types@small", "lora_all@0.05", "bogus@0.05"):  # lora_all has no budget
+    assert ps.parse(["--budget-arms", "types@0.0070"])[0].budget_arms == ["types@0.007"]  # as the study labels it
+    for wrong in ("types@small", "lora_all@0.05", "bogus@0.05", "types@0.01"):  # lora_all: no budget; 0.01: not run
         with pytest.raises(SystemExit):
             ps.parse(["--budget-arms", wrong])
         assert f"unknown ['{wrong}']" in capsys.readouterr().err

@@ -180,10 +180,9 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
             table[str(c)]["separation"] = sep[str(c)]
     counted = [t for t in table.values() if not t.get("excluded")]
     done = [t for t in counted if not t.get("missing") and t["best_peer"]]
-    out_complete = bool(counted) and len(done) == len(counted) and not any(t["pending"] for t in done)
     margins = [t["delta"][t["best_peer"]] for t in done]
     out = {"default": default if isinstance(default, str) else default["default"], "cells": table,
-           "complete": out_complete}
+           "complete": bool(counted) and len(done) == len(counted) and not any(t["pending"] for t in done)}
     if margins:
         out["mean_margin_vs_best_peer"] = float(np.mean([m[0] for m in margins]))
         # the criterion on these cells; the protocol's verdict is this over every confirmation cell
@@ -194,7 +193,8 @@ def confirm(root: Path, cells: list[Cell], default: str | dict) -> dict:
 
 def expected_arms(root: Path, cell: Cell) -> list[str]:
     """Every arm a finished confirmation cell has: the peers (PLoP's types where they fit the
-    budget), PAGE's budget plan (the paper's rule) and vanilla LoRA. A cell missing any of them is reported, not yet judged complete."""
+    budget), PAGE's budget plan (the paper's rule) and vanilla LoRA. A cell missing any of them is
+    reported, not judged complete."""
     fits = plop_fits(root, cell)
     return [p for p in PEERS if p != "plop_vod" or fits] + ["page_budget", "lora_all"]
 

@@ -323,10 +323,10 @@ def status_line(runs: list[dict], picks: dict, done: int, planned: int | None,
         if planned is not None and done >= planned:
             return f"complete: {done} runs"
         return f"PARTIAL: {done} runs finished" + (f" of about {planned} planned" if planned else "") + partial
-    have = {(r["task"], r["arm"]): len(r["seeds"]) for r in budget_rows(runs, picks)}
-    missing = [f"{t} {a} ({have.get((t, a), 0)} of {seeds} seeds)" for t, a in cells if have.get((t, a), 0) < seeds]
     if not cells:
         return f"no budget arms planned for these tasks ({done} runs)"
+    have = {(r["task"], r["arm"]): len(r["seeds"]) for r in budget_rows(runs, picks)}
+    missing = [f"{t} {a} ({have.get((t, a), 0)} of {seeds} seeds)" for t, a in cells if have.get((t, a), 0) < seeds]
     if not missing:
         return f"complete: all {len(cells)} planned budget arms have {seeds} seeds ({done} runs)"
     return (f"PARTIAL: {len(cells) - len(missing)} of {len(cells)} planned budget arms finished ({done} runs); "

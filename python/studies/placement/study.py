@@ -856,17 +856,17 @@ def measure(base, render: Render, data: dict, cfg: Cfg, log) -> dict:
 
 
 # ------------------------------------------------------------------------------- plan
-def _known_arm(entry: str) -> bool:
-    """An entry of ``--budget-arms``: an arm at every budget, or ``ARM@BUDGET`` (a budgeted arm at one
-    of ``--budgets`` only, e.g. ``types@0.007``)."""
+def _budget_arm_entry(entry: str, budgets: list[float]) -> str | None:
+    """An entry of ``--budget-arms`` as the study labels it, or None if it names no arm: an arm at
+    every budget, or ``ARM@BUDGET``, a budgeted arm at one of ``budgets`` only (``types@0.007``)."""
     arm, at, budget = entry.partition("@")
     if not at:
-        return arm in BUDGET_ARMS + REFERENCE_ARMS
+        return arm if arm in BUDGET_ARMS + REFERENCE_ARMS else None
     try:
-        float(budget)
+        b = float(budget)
     except ValueError:
-        return False
-    return arm in BUDGET_ARMS
+        return None
+    return f"{arm}@{b:g}" if arm in BUDGET_ARMS and b in budgets else None
 
 
 def budget_plans(cfg: Cfg, pred: dict, decisions: dict | None) -> list[tuple[str, dict | str]]:
@@ -1073,10 +1073,12 @@ def parse(argv=None) -> tuple[Cfg, list[str], bool]:
     stages = list(STAGES) if a.stage == ["all"] else a.stage
     bad = [s for s in stages if s not in STAGES] + [t for t in a.tasks + a.core_tasks + a.budget_tasks
                                                           if t not in study_tasks.TASKS]
-    bad += [arm for arm in a.budget_arms if not _known_arm(arm)]
+    arms = [_budget_arm_entry(e, a.budgets) for e in a.budget_arms]
+    bad += [e for e, arm in zip(a.budget_arms, arms) if arm is None]
     if bad:
         ap.error(f"unknown {bad}; stages: {', '.join(STAGES)}; tasks: {', '.join(study_tasks.TASKS)}; "
-                 f"budget arms: {', '.join(BUDGET_ARMS + REFERENCE_ARMS)}")
+                 f"budget arms: {', '.join(BUDGET_ARMS + REFERENCE_ARMS)} (ARM@BUDGET: a budget of --budgets)")
+    a.budget_arms = arms
     if not (a.lr_single > 0 and a.lr_multi > 0):
         ap.error(f"--lr-single ({a.lr_single}) and --lr-multi ({a.lr_multi}) must be > 0")
     if "budget" in stages and not set(a.tasks) & set(a.budget_tasks) and a.budget_tasks:
