@@ -329,7 +329,7 @@ def _dry_run_on_model(args: argparse.Namespace, alpha: float):
 def cmd_apply(args: argparse.Namespace) -> int:
     from .distributed import rank_and_world
     from .placement import apply_domlora
-    from .placement.strategies import EVIDENCE, EVIDENCE_UNITS, describe, resolve
+    from .placement.strategies import CONFIRMATION, EVIDENCE, EVIDENCE_UNITS, describe, resolve
 
     if args.variant == "adalora" and args.total_step is None:
         raise ValueError("--variant adalora needs --total-step (the number of training steps AdaLoRA schedules over)")
@@ -349,6 +349,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(describe(args.strategy))
     pm = apply_domlora(model, scores, verbose=True, **_placement_kwargs(args, alpha))
     print(f"evidence ({EVIDENCE_UNITS}): {EVIDENCE[args.strategy]}")
+    if args.strategy in CONFIRMATION:
+        print(f"confirmation: {CONFIRMATION[args.strategy]}")
     out = Path(args.out_dir)
     pm.save_pretrained(out)
     scores.to_json(out / "page_scores.json")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from domlora_kernels.cli import main
-from domlora_kernels.placement.strategies import EVIDENCE, EVIDENCE_UNITS, STRATEGIES
+from domlora_kernels.placement.strategies import CONFIRMATION, DEFAULT_STRATEGY, EVIDENCE, EVIDENCE_UNITS, STRATEGIES
 
 pytest.importorskip("peft")
 
@@ -29,6 +29,12 @@ def test_apply_with_each_strategy(folder, tmp_path, capsys, strategy):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert f"strategy {strategy!r}" in text and f"evidence ({EVIDENCE_UNITS}): {EVIDENCE[strategy]}" in text
+    # the default's confirmation where it was not designed is printed with it; no other strategy has one
+    assert set(CONFIRMATION) <= {DEFAULT_STRATEGY}
+    if strategy in CONFIRMATION:
+        assert f"confirmation: {CONFIRMATION[strategy]}" in text
+    else:
+        assert "confirmation:" not in text
     placement = json.loads((out / "domlora_placement.json").read_text())
     assert placement["strategy"] == strategy and placement["trainable_params"] <= placement["budget"]
     if strategy in ("adam", "types", "heldout"):

@@ -121,8 +121,10 @@ def test_the_package_evidence_is_the_committed_decisions():
     from domlora_kernels.placement.strategies import DEFAULT_STRATEGY, EVIDENCE
 
     decision = json.loads(Path("python/results/placement/decision.json").read_text())
+    confirmation = json.loads(Path("python/results/placement/confirmation.json").read_text())
     shipped = json.loads(decide.EVIDENCE_PATH.read_text())
-    assert shipped == decide.evidence(decision)  # regenerate: python -m python.studies.placement.decide evidence
+    # regenerate: python -m python.studies.placement.decide evidence
+    assert shipped == decide.evidence(decision, confirmation)
     assert DEFAULT_STRATEGY == shipped["default"] == decide.default_strategy(decision)
     assert EVIDENCE[DEFAULT_STRATEGY] == shipped["strategies"][DEFAULT_STRATEGY]
 
@@ -152,3 +154,18 @@ def test_confirm_cli_plots_the_default_against_each_arm(tmp_path):
     png.unlink()
     decide.main(["confirm", "--default", "types", "--cells", "q:t:0.007", "--root", str(tmp_path), "--no-plot"])
     assert not png.exists()
+
+
+def test_only_the_protocols_complete_confirmation_gives_a_verdict():
+    from pathlib import Path
+
+    c = json.loads(Path("python/results/placement/confirmation.json").read_text())
+    assert decide.is_the_protocols_confirmation(c)
+    word = "confirmed" if c["criterion_met"] else "not confirmed"
+    assert f"**the default is {word}**" in "\n".join(decide.confirmation_lines(c))
+    one = dict(c, cells={k: v for k, v in c["cells"].items() if k.startswith("qwen05")})
+    assert not decide.is_the_protocols_confirmation(one)  # a family's cells alone: progress, no verdict
+    assert "the default is" not in "\n".join(decide.confirmation_lines(one))
+    assert "confirmation" not in decide.evidence(json.loads(Path("python/results/placement/decision.json").read_text()),
+                                                 one)
+    assert not decide.is_the_protocols_confirmation(dict(c, complete=False))

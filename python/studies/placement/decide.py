@@ -220,7 +220,7 @@ PEER_NAMES = {"plop_vod": "PLoP's types", "eva": "EVA", "kappatune": "KappaTune"
 
 
 def _fam(cell: str) -> str:
-    return cell.replace("smollm2", "SmolLM2").replace("gemma3", "Gemma 3").replace("qwen05", "Qwen2.5-0.5B")
+    return cell.replace("smollm2", "SmolLM2").replace("gemma3", "Gemma 3").replace("qwen05", "Qwen2.5-Coder-0.5B")
 
 
 def arm_evidence(table: dict, arm) -> str:
@@ -253,17 +253,49 @@ def default_strategy(decision: dict) -> str:
     return f"plop+{STRATEGY_OF[d['small']] or d['small']}"
 
 
-def evidence(decision: dict) -> dict:
+def confirmation_evidence(c: dict) -> str:
+    """One line: the verdict of a complete confirmation (:func:`confirm` over the protocol's
+    cells), then per cell the default against its best peer and against vanilla LoRA."""
+    verdict = "confirmed" if c["criterion_met"] else "NOT confirmed"
+    parts = []
+    for k, t in c["cells"].items():
+        if t.get("excluded"):
+            parts.append(f"{_fam(k)}: excluded (its peers tie)")
+            continue
+        bp = t["best_peer"]
+        bits = [f"{_ci(t['delta'][bp], CONFIRM_DIGITS)} against {PEER_NAMES[bp]}, the best peer"]
+        if "lora_all" in t["delta"]:
+            bits.append(f"{_ci(t['delta']['lora_all'], CONFIRM_DIGITS)} against vanilla LoRA")
+        parts.append(f"{_fam(k)} ({t['default_arm']}): " + ", ".join(bits))
+    return (f"{verdict} where it was not designed, mean margin over each cell's best peer "
+            f"{c['mean_margin_vs_best_peer']:+.4f}; " + "; ".join(parts))
+
+
+def evidence(decision: dict, confirmation: dict | None = None) -> dict:
     """What ``domlora apply`` prints as each strategy's evidence: its line of :func:`arm_evidence`
-    on the design cells (the default: its arm in each cell), with where it comes from."""
+    on the design cells (the default: its arm in each cell), with where it comes from; and, once
+    the confirmation over the protocol's cells is complete, the default's line of
+    :func:`confirmation_evidence`."""
     cells = decision["cells"]
     lines = {STRATEGY_OF[a]: arm_evidence(cells, a) for a in CANDIDATES + ("plop_vod",)}
     name = default_strategy(decision)
     if "+" in name:
         d = decision["default"]
         lines[name] = arm_evidence(cells, lambda t: d["large"] if t["plop_fits"] else d["small"])
-    return {"default": name, "units": EVIDENCE_HEAD, "source": "python -m python.studies.placement.decide evidence "
-            "(python/results/placement/decision.json)", "strategies": lines}
+    out = {"default": name, "units": EVIDENCE_HEAD, "source": "python -m python.studies.placement.decide evidence "
+           "(python/results/placement/decision.json and confirmation.json)", "strategies": lines}
+    if confirmation is not None and is_the_protocols_confirmation(confirmation):
+        out["confirmation"] = {name: confirmation_evidence(confirmation)}
+    return out
+
+
+# The confirmation cells the protocol names (docs/placement_protocol.md, second amendment): its
+# verdict is :func:`confirm` over exactly these, complete.
+CONFIRMATION_CELLS = ("smollm2 chat 0.7%", "smollm2 chat 5%", "qwen05 instruction 0.7%", "qwen05 instruction 5%")
+
+
+def is_the_protocols_confirmation(c: dict) -> bool:
+    return c.get("complete", False) and sorted(c["cells"]) == sorted(CONFIRMATION_CELLS) and "criterion_met" in c
 
 
 def _ci(t, digits: int = 3) -> str:
@@ -330,9 +362,14 @@ def confirmation_lines(c: dict) -> list[str]:
         verdict = ("criterion met" if c["criterion_met"] else "criterion not met") if c["complete"] else "incomplete"
         n = len(c["cells"])
         over = "this cell" if n == 1 else f"these {n} cells"
-        lines.append(f"Mean margin against each cell's best peer, over {over}: "
-                     f"{c['mean_margin_vs_best_peer']:+.4f}; {verdict} there (the protocol's verdict pools every "
-                     f"confirmation cell).")
+        line = f"Mean margin against each cell's best peer, over {over}: {c['mean_margin_vs_best_peer']:+.4f}; "
+        if is_the_protocols_confirmation(c):
+            word = "confirmed" if c["criterion_met"] else "not confirmed"
+            line += (f"{verdict}, and these are every confirmation cell of the protocol: **the default is {word}** "
+                     "(criterion: mean margin >= 0 and no cell's CI wholly below 0).")
+        else:
+            line += f"{verdict} there (the protocol's verdict pools every confirmation cell)."
+        lines.append(line)
     return lines
 
 
@@ -378,7 +415,9 @@ def main(argv=None) -> None:
         path = a.root / "decision.json"
         if not path.exists():
             ap.error(f"{path} is missing: decide on the design cells first (the decide command)")
-        write_text_atomic(EVIDENCE_PATH, json.dumps(evidence(json.loads(path.read_text())), indent=1) + "\n")
+        conf = a.root / "confirmation.json"  # its verdict joins the default's evidence once complete
+        conf = json.loads(conf.read_text()) if conf.exists() else None
+        write_text_atomic(EVIDENCE_PATH, json.dumps(evidence(json.loads(path.read_text()), conf), indent=1) + "\n")
         print(f"wrote {EVIDENCE_PATH}")
         return
     if a.what == "arm":  # the committed default's arm in each cell, one a line (for confirm.sh)
