@@ -169,3 +169,18 @@ def test_only_the_protocols_complete_confirmation_gives_a_verdict():
     assert "confirmation" not in decide.evidence(json.loads(Path("python/results/placement/decision.json").read_text()),
                                                  one)
     assert not decide.is_the_protocols_confirmation(dict(c, complete=False))
+
+
+def test_versus_has_one_row_per_cell_with_every_peer(tmp_path, capsys):
+    _write(tmp_path, "q", "t", {"types": 1.1, "eva": 1.0, "random_module": 0.5, "lora_all": 1.5})
+    decide.main(["versus", "--default", "types", "--cells", "q:t:0.007", "--design", "q:t:0.007", "--root",
+                 str(tmp_path)])
+    text = (tmp_path / "versus.md").read_text()
+    row = next(x for x in text.splitlines() if x.startswith("| q t 0.7% (design) | types |"))
+    cols = [x.strip() for x in row.strip("|").split("|")]
+    assert len(cols) == 2 + len(decide.VERSUS_ARMS)
+    by_arm = dict(zip(decide.VERSUS_ARMS, cols[2:]))
+    assert float(by_arm["eva"].split()[0]) == pytest.approx(0.1, abs=0.01)  # 1.1 - 1.0
+    assert float(by_arm["lora_all"].split()[0]) == pytest.approx(-0.4, abs=0.01)  # 1.1 - 1.5
+    assert by_arm["kappatune"] == "-" and by_arm["plop_vod"] == "-"  # not run there
+    assert text in capsys.readouterr().out + "\n"

@@ -15,6 +15,7 @@ Usage, from the repository root:
     python -m python.studies.placement.decide confirm --default types --cells qwen05:instruction:0.007
     python -m python.studies.placement.decide separation --cells smollm2:chat:0.007   # exit 3: it does not
     python -m python.studies.placement.decide arm --cells smollm2:chat:0.05   # the default's arm there
+    python -m python.studies.placement.decide versus --cells ... --design ...   # versus.md: one row per cell
 
 Each writes a markdown table and a JSON of every number next to the study's results
 (``decision.md`` / ``decision.json``, ``confirmation.md`` / ``confirmation.json``, and for
@@ -373,6 +374,28 @@ def confirmation_lines(c: dict) -> list[str]:
     return lines
 
 
+VERSUS_ARMS = ("plop_vod", "eva", "kappatune", "shallow_down", "random_module", "page_top1", "page_budget", "lora_all")
+
+
+def versus_lines(c: dict, design: set[str]) -> list[str]:
+    """One row per cell of :func:`confirm`: the default's arm minus each peer, PAGE's plan and
+    vanilla LoRA (a wide view of the per-cell tables; ``design``: the cells the rule was chosen on)."""
+    names = [PEER_NAMES.get(a, "vanilla LoRA").replace("the ", "").replace("a random", "random") for a in VERSUS_ARMS]
+    lines = ["| cell | default's arm | " + " | ".join(f"− {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    for k, t in c["cells"].items():
+        if "delta" not in t:
+            lines.append(f"| {k} | {t['default_arm']} | " + " | ".join(["not run"] * len(names)) + " |")
+            continue
+
+        def col(a):
+            if a == t["default_arm"]:
+                return "(the default's arm)"
+            return _ci(t["delta"][a], CONFIRM_DIGITS) if a in t["delta"] else "-"
+        role = "design" if k in design else "confirmation"
+        lines.append(f"| {k} ({role}) | {t['default_arm']} | " + " | ".join(col(a) for a in VERSUS_ARMS) + " |")
+    return lines
+
+
 def plot_confirmation(c: dict, path: Path) -> Path | None:
     """``confirmation.png``: per counted cell, the default's loss drop minus each other arm's, with
     its 95% CI (right of 0: the default learned more); the cell's best peer in red, vanilla LoRA
@@ -401,12 +424,13 @@ def plot_confirmation(c: dict, path: Path) -> Path | None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("decide", "confirm", "separation", "arm", "evidence"))
+    ap.add_argument("what", choices=("decide", "confirm", "separation", "arm", "evidence", "versus"))
     ap.add_argument("--cells", default="", help="comma-separated FAMILY:TASK:BUDGET (every command but evidence)")
     ap.add_argument("--default", help="confirm: an arm name (e.g. types); default: the committed decision.json")
     ap.add_argument("--root", type=Path, default=Path("python/results/placement"), help="the study's results")
     ap.add_argument("--out", type=Path, help="where decision/confirmation .md and .json go (default: --root)")
     ap.add_argument("--no-plot", action="store_true", help="confirm: skip confirmation.png (matplotlib)")
+    ap.add_argument("--design", default="", help="versus: the design cells among --cells (FAMILY:TASK:BUDGET, comma-separated)")
     a = ap.parse_args(argv)
     cells = [Cell.parse(x) for x in a.cells.split(",") if x]
     if not cells and a.what != "evidence":
@@ -453,8 +477,15 @@ def main(argv=None) -> None:
         else:
             dflt = a.default
         d = confirm(a.root, cells, dflt)
-        lines = ["# The default placement: confirmation", ""] + confirmation_lines(d)
-        name = "confirmation"
+        if a.what == "versus":
+            design = {str(Cell.parse(x)) for x in a.design.split(",") if x}
+            head = ("The default's arm minus each other arm, held-out loss drop, paired on seeds and items (95% "
+                    "bootstrap CI); '-': not run there (PLoP's types where they do not fit the budget at rank 1).")
+            lines = ["# The default placement against each peer, every cell", "", head, "", *versus_lines(d, design)]
+            name = "versus"
+        else:
+            lines = ["# The default placement: confirmation", ""] + confirmation_lines(d)
+            name = "confirmation"
     out = a.out or a.root
     write_text_atomic(out / f"{name}.md", "\n".join(lines) + "\n")
     write_text_atomic(out / f"{name}.json", json.dumps(d, indent=1, default=float))
