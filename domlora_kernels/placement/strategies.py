@@ -111,7 +111,7 @@ _EVIDENCE_FILE = json.loads(files(__package__).joinpath("evidence.json").read_te
 EVIDENCE_UNITS = _EVIDENCE_FILE["units"]
 EVIDENCE = {s: _EVIDENCE_FILE["strategies"].get(s, "not measured by the placement study") for s in STRATEGIES}
 # The default's confirmation where it was not designed (absent until that confirmation is complete).
-CONFIRMATION = dict(_EVIDENCE_FILE.get("confirmation", {}))
+CONFIRMATION = _EVIDENCE_FILE.get("confirmation", {})
 
 
 def check_strategy(strategy: object) -> str:

@@ -290,13 +290,13 @@ def evidence(decision: dict, confirmation: dict | None = None) -> dict:
     return out
 
 
-# The confirmation cells the protocol names (docs/placement_protocol.md, second amendment): its
-# verdict is :func:`confirm` over exactly these, complete.
-CONFIRMATION_CELLS = ("smollm2 chat 0.7%", "smollm2 chat 5%", "qwen05 instruction 0.7%", "qwen05 instruction 5%")
+# The confirmation cells the protocol names (docs/placement_protocol.md, second amendment), as
+# --cells takes them: its verdict is :func:`confirm` over exactly these, complete.
+CONFIRMATION_CELLS = "smollm2:chat:0.007,smollm2:chat:0.05,qwen05:instruction:0.007,qwen05:instruction:0.05"
 
 
 def is_the_protocols_confirmation(c: dict) -> bool:
-    return c.get("complete", False) and sorted(c["cells"]) == sorted(CONFIRMATION_CELLS) and "criterion_met" in c
+    return c["complete"] and sorted(c["cells"]) == sorted(str(Cell.parse(x)) for x in CONFIRMATION_CELLS.split(","))
 
 
 def _ci(t, digits: int = 3) -> str:
@@ -377,23 +377,25 @@ def confirmation_lines(c: dict) -> list[str]:
 VERSUS_ARMS = ("plop_vod", "eva", "kappatune", "shallow_down", "random_module", "page_top1", "page_budget", "lora_all")
 
 
+def _versus_cell(t: dict, arm: str) -> str:
+    if t.get("excluded"):
+        return "excluded: its peers tie"
+    if "delta" not in t:
+        return "the default not run"
+    if arm == t["default_arm"]:
+        return "(the default's arm)"
+    return _ci(t["delta"][arm], CONFIRM_DIGITS) if arm in t["delta"] else "-"
+
+
 def versus_lines(c: dict, design: set[str]) -> list[str]:
     """One row per cell of :func:`confirm`: the default's arm minus each peer, PAGE's plan and
     vanilla LoRA (a wide view of the per-cell tables; ``design``: the cells the rule was chosen on)."""
-    names = [PEER_NAMES.get(a, "vanilla LoRA").replace("the ", "").replace("a random", "random") for a in VERSUS_ARMS]
-    lines = ["| cell | default's arm | " + " | ".join(f"− {n}" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    names = [PEER_NAMES.get(a, "vanilla LoRA").removeprefix("the ").removeprefix("a ") for a in VERSUS_ARMS]
+    rows = [["cell", "default's arm", *(f"− {n}" for n in names)], ["---"] * (2 + len(names))]
     for k, t in c["cells"].items():
-        if "delta" not in t:
-            lines.append(f"| {k} | {t['default_arm']} | " + " | ".join(["not run"] * len(names)) + " |")
-            continue
-
-        def col(a):
-            if a == t["default_arm"]:
-                return "(the default's arm)"
-            return _ci(t["delta"][a], CONFIRM_DIGITS) if a in t["delta"] else "-"
         role = "design" if k in design else "confirmation"
-        lines.append(f"| {k} ({role}) | {t['default_arm']} | " + " | ".join(col(a) for a in VERSUS_ARMS) + " |")
-    return lines
+        rows.append([f"{k} ({role})", t["default_arm"], *(_versus_cell(t, a) for a in VERSUS_ARMS)])
+    return ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def plot_confirmation(c: dict, path: Path) -> Path | None:
